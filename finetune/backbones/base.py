@@ -1,0 +1,110 @@
+"""The backbone spec given in recipes and the loader contract every model family implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from finetune.errors import RecipeError
+from finetune.paths import is_local_path, resolve_path
+from finetune.registry import Registry
+
+KEY = "model.backbone"
+
+
+@dataclass
+class Classifier:
+    """A loaded model with a fresh head for the task's labels; ``head`` lists the head's module names."""
+
+    model: Any  # torch.nn.Module; typed loosely so importing this file does not import torch
+    head: tuple[str, ...]
+
+
+class BackboneLoader(Protocol):
+    """What a model family must provide. ``source`` is the name without its prefix, or a local path."""
+
+    family: str
+
+    def claims(self, path: Path) -> bool:
+        """True when a local folder holds a model of this family."""
+
+    def load_classifier(self, source: str, backbone: Backbone, labels: list[str]) -> Classifier: ...
+
+    def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
+        """Class logits for a batch produced by this family's preprocessing."""
+
+    def tokenizer(self, source: str, backbone: Backbone) -> Any: ...
+
+    def image_transform(self, source: str, backbone: Backbone, train: bool) -> Callable[[Any], Any]:
+        """PIL image -> float tensor (C, H, W), as the pretrained weights expect."""
+
+    def export(self, model: Any, directory: Path, labels: list[str], backbone: Backbone) -> None:
+        """Save ``model`` in the family's native format, loadable without ``finetune``."""
+
+
+LOADERS: Registry[BackboneLoader] = Registry("backbone family", KEY)
+
+
+@dataclass
+class Backbone:
+    """Where the pretrained model comes from.
+
+    Args:
+        name: ``timm:NAME`` (any ``timm.create_model`` name), ``hf:ID_OR_DIR`` (any Hugging Face id or
+            local folder), or a local folder, ``pkg://package/dir`` included, whose config.json says
+            which family it is.
+        pretrained: load pretrained weights; false builds the same architecture with random init.
+        checkpoint: timm only: a local weights file (``.safetensors`` or ``.pth``) to load instead of the hub's.
+        revision: Hugging Face hub revision (branch, tag or commit).
+        trust_remote_code: let Hugging Face run code shipped with the model. Off unless you trust it.
+    """
+
+    name: str
+    pretrained: bool = True
+    checkpoint: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def of(cls, value: str | Backbone | Mapping[str, Any]) -> Backbone:
+        """Accept the shorthand string form, a mapping, or a ``Backbone``."""
+        if isinstance(value, Backbone):
+            return value
+        if isinstance(value, str):
+            return cls(name=value)
+        return cls(**value)
+
+    def resolve(self) -> tuple[BackboneLoader, str]:
+        """The loader for this backbone and the source it should read."""
+        prefix, sep, rest = self.name.partition(":")
+        if sep and prefix in LOADERS:
+            return LOADERS.get(prefix), rest
+        if is_local_path(self.name):
+            path = resolve_path(self.name, KEY)
+            for family in LOADERS:
+                loader = LOADERS.get(family)
+                if loader.claims(path):
+                    return loader, str(path)
+            raise RecipeError(
+                KEY, f"{self.name} is not a timm or Hugging Face model folder (no usable config.json)"
+            )
+        families = ", ".join(f"{f}:NAME" for f in LOADERS)
+        raise RecipeError(KEY, f"{self.name!r} has no known prefix; write {families} or give a local folder")
+
+    @property
+    def family(self) -> str:
+        return self.resolve()[0].family
+
+    def load_classifier(self, labels: list[str]) -> Classifier:
+        loader, source = self.resolve()
+        return loader.load_classifier(source, self, labels)
+
+    def tokenizer(self) -> Any:
+        loader, source = self.resolve()
+        return loader.tokenizer(source, self)
+
+    def image_transform(self, train: bool) -> Callable[[Any], Any]:
+        loader, source = self.resolve()
+        return loader.image_transform(source, self, train)

@@ -1,0 +1,112 @@
+"""Where a model's parameters sit: its blocks (bottom to top) and its task head.
+
+timm models publish their blocks through ``group_matcher`` (the grouping behind timm's own layer-wise
+decay), so we use it. Other models (Hugging Face) are read structurally: the blocks are the instances of
+the composite module class that, repeated, holds the most parameters (``BertLayer``, ``LlamaDecoderLayer``,
+``ViTLayer``, GPT-2 ``Block`` ...).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from torch import nn
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A model's blocks in forward order (each block: the module names it spans) and its head modules."""
+
+    blocks: tuple[tuple[str, ...], ...]
+    head: tuple[str, ...]
+
+    def block_index(self, name: str) -> int | None:
+        """Index of the block holding parameter or module ``name``, or None outside every block."""
+        for i, block in enumerate(self.blocks):
+            if any(_within(name, module) for module in block):
+                return i
+        return None
+
+    def in_head(self, name: str) -> bool:
+        return any(_within(name, head) for head in self.head)
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _is_composite(module: nn.Module) -> bool:
+    """A block-like module: not a plain container, with at least two children that hold parameters."""
+    if isinstance(module, _CONTAINERS):
+        return False
+    return sum(1 for child in module.children() if _n_params(child) > 0) >= 2
+
+
+def structural_blocks(model: nn.Module, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Names of the repeated blocks of ``model`` in forward order; modules under ``exclude`` are ignored."""
+    instances: dict[type, list[tuple[str, int]]] = defaultdict(list)
+    for name, module in model.named_modules():
+        if not name or any(_within(name, skip) for skip in exclude) or not _is_composite(module):
+            continue
+        outer = instances[type(module)]
+        if outer and _within(name, outer[-1][0]):
+            continue  # nested inside an instance of its own class: the outer one already counts
+        outer.append((name, _n_params(module)))
+
+    def coverage(kind: type) -> int:
+        return sum(n for _, n in instances[kind])
+
+    repeated = [kind for kind, found in instances.items() if len(found) >= 2]
+    candidates = repeated or list(instances)
+    if not candidates:
+        return ()
+    best = max(candidates, key=coverage)
+    return tuple(name for name, _ in instances[best])
+
+
+def _owners(group: list[str], every: list[str]) -> tuple[str, ...]:
+    """The outermost modules whose parameters (out of ``every``) all lie in ``group``."""
+    inside = set(group)
+    owners: dict[str, None] = {}
+    for name in group:
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if all(other in inside for other in every if _within(other, prefix)):
+                owners[prefix] = None
+                break
+    return tuple(owners)
+
+
+def timm_blocks(model: nn.Module, exclude: tuple[str, ...] = ()) -> tuple[tuple[str, ...], ...]:
+    """timm's own fine-grained groups, minus the stem (first) group and the head; empty if unsupported."""
+    from timm.models._manipulate import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        return ()
+    try:
+        groups = list(group_parameters(model, model.group_matcher(coarse=False)).values())
+    except NotImplementedError:
+        return ()
+    every = [name for name, _ in model.named_parameters()]
+    blocks = []
+    for names in groups[1:]:
+        kept = [name for name in names if not any(_within(name, skip) for skip in exclude)]
+        if kept:
+            blocks.append(_owners(kept, every))
+    return tuple(blocks)
+
+
+def discover_layout(model: nn.Module, head: tuple[str, ...]) -> Layout:
+    """The layout of a classifier whose head modules are named ``head``."""
+    blocks = timm_blocks(model, exclude=head) if type(model).__module__.startswith("timm.") else ()
+    if not blocks:
+        blocks = tuple((name,) for name in structural_blocks(model, exclude=head))
+    return Layout(blocks=blocks, head=head)

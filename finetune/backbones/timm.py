@@ -1,0 +1,80 @@
+"""timm backbones: any ``timm.create_model`` name, a local weights file, or a timm export folder."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier
+from finetune.errors import RecipeError
+from finetune.paths import resolve_path
+
+
+class TimmLoader:
+    """Loads a timm model with its classifier reset to the labels; preprocessing from timm's data config."""
+
+    family = "timm"
+
+    def claims(self, path: Path) -> bool:
+        config = path / "config.json"
+        return config.is_file() and "architecture" in json.loads(config.read_text())
+
+    def _create(self, source: str, checkpoint: str | None, **kwargs: Any) -> Any:
+        import timm
+
+        is_folder = Path(source).is_dir()
+        if not is_folder and not timm.is_model(source):
+            close = difflib.get_close_matches(source, timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+            raise RecipeError(KEY, f"timm has no model named {source!r}{hint}")
+        name = f"local-dir:{source}" if is_folder else source
+        if checkpoint:
+            weights = resolve_path(checkpoint, "model.backbone.checkpoint")
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        try:
+            return timm.create_model(name, **kwargs)
+        except (OSError, RuntimeError) as error:
+            first = str(error).strip().splitlines()[0]
+            raise RecipeError(
+                KEY, f"could not load timm weights for {source!r} ({first}); give `checkpoint:` a local file"
+            ) from error
+
+    def load_classifier(self, source: str, backbone: Backbone, labels: list[str]) -> Classifier:
+        pretrained = backbone.pretrained or bool(backbone.checkpoint)
+        model = self._create(source, backbone.checkpoint, pretrained=pretrained, num_classes=len(labels))
+        head = model.get_classifier()
+        names = tuple(name for name, module in model.named_modules() if module is head)
+        return Classifier(model=model, head=names)
+
+    def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
+        return model(batch["pixel_values"])
+
+    def tokenizer(self, source: str, backbone: Backbone) -> Any:
+        raise RecipeError(
+            KEY, f"timm model {source!r} takes images, not text; use finetune.data.ImageClassificationData"
+        )
+
+    def image_transform(self, source: str, backbone: Backbone, train: bool) -> Callable[[Any], Any]:
+        import torch
+        from timm.data import create_transform, resolve_data_config
+
+        # Only the data config is needed: build on the meta device, so no weights are read or allocated.
+        with torch.device("meta"):
+            model = self._create(source, None, pretrained=False)
+        return create_transform(**resolve_data_config({}, model=model), is_training=train)
+
+    def export(self, model: Any, directory: Path, labels: list[str], backbone: Backbone) -> None:
+        from timm.models import save_for_hf
+
+        save_for_hf(
+            model,
+            str(directory),
+            model_config={"num_classes": len(labels), "label_names": list(labels)},
+            safe_serialization=True,
+        )
+
+
+LOADERS.register("timm")(TimmLoader())

@@ -1,0 +1,34 @@
+"""Export the fine-tuned model into the run folder when training ends."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ExportModel(pl.Callback):
+    """At the end of ``fit``, loads the best checkpoint's weights (when a monitored checkpoint exists) and
+    calls ``pl_module.export(<run>/export)``, which writes a model that loads without ``finetune``.
+
+    Contract: the module implements ``export(directory: Path) -> Path`` (every ``finetune`` task does).
+    """
+
+    def __init__(self, dirname: str = "export", use_best: bool = True) -> None:
+        self.dirname = dirname
+        self.use_best = use_best
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if self.use_best and best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            pl_module.load_state_dict(state)
+            log.info("Loaded the best checkpoint %s for export", best)
+        if trainer.is_global_zero:
+            directory = pl_module.export(Path(trainer.log_dir or trainer.default_root_dir) / self.dirname)
+            log.info("Exported the model to %s", directory)
+        trainer.strategy.barrier("export")

@@ -1,0 +1,91 @@
+"""What the user sees: which parameters train at what learning rate (at start), and the final metrics (at end)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*header), line, *(fmt.format(*map(str, r)) for r in rows)])
+
+
+def _module_of(name: str, depth: int) -> str:
+    return ".".join(name.split(".")[:depth])
+
+
+def parameter_table(module: nn.Module, optimizers: list | None = None, depth: int = 3) -> str:
+    """Trainable vs total parameters per module (names cut to ``depth`` parts), with each module's LR."""
+    lr_of: dict[int, float] = {}
+    for optimizer in optimizers or []:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                lr_of[id(parameter)] = group["lr"]
+    totals: dict[str, list] = defaultdict(lambda: [0, 0, set()])
+    for name, parameter in module.named_parameters():
+        entry = totals[_module_of(name.rpartition(".")[0] or name, depth)]
+        entry[1] += parameter.numel()
+        if parameter.requires_grad:
+            entry[0] += parameter.numel()
+            if id(parameter) in lr_of:
+                entry[2].add(lr_of[id(parameter)])
+    rows = [
+        [
+            name,
+            f"{trainable:,}",
+            f"{total:,}",
+            f"{100 * trainable / total:.1f}%",
+            ", ".join(f"{lr:.2e}" for lr in sorted(lrs)) or "-",
+        ]
+        for name, (trainable, total, lrs) in totals.items()
+    ]
+    trainable = sum(entry[0] for entry in totals.values())
+    total = sum(entry[1] for entry in totals.values())
+    rows.append(["total", f"{trainable:,}", f"{total:,}", f"{100 * trainable / max(total, 1):.1f}%", ""])
+    return _table(["module", "trainable", "total", "share", "lr"], rows)
+
+
+class ParameterReport(pl.Callback):
+    """At the start of ``fit``, logs the trainable-parameter table and writes it to ``<run>/parameters.txt``."""
+
+    def __init__(self, depth: int = 3) -> None:
+        self.depth = depth
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        table = parameter_table(pl_module, trainer.optimizers, self.depth)
+        if trainer.is_global_zero:
+            log.info("What trains, at what learning rate:\n%s", table)
+            _write(trainer, "parameters.txt", table)
+
+
+class MetricsReport(pl.Callback):
+    """At the end of ``fit`` and ``test``, logs the final metrics and writes ``<run>/metrics_<stage>.txt``."""
+
+    def _report(self, trainer: pl.Trainer, stage: str) -> None:
+        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
+        if not metrics or not trainer.is_global_zero:
+            return
+        table = _table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()])
+        log.info("Final metrics (%s):\n%s", stage, table)
+        _write(trainer, f"metrics_{stage}.txt", table)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, "fit")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, "test")
+
+
+def _write(trainer: pl.Trainer, filename: str, text: str) -> None:
+    path = Path(trainer.log_dir or trainer.default_root_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")

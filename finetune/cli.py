@@ -1,0 +1,73 @@
+"""Command line: ``python -m finetune RECIPE.yaml`` or the Lightning CLI subcommands on the same recipe.
+
+``--help`` and recipe-file errors are answered before Lightning is imported (that import takes seconds).
+Bad recipe values end in one line naming the key, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from finetune.errors import RecipeError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+HELP = """\
+usage: python -m finetune RECIPE.yaml [--section.key=value ...]
+       python -m finetune {fit,validate,test,predict} --config RECIPE.yaml [--section.key=value ...]
+
+Fine-tune a pretrained timm or Hugging Face model from a recipe (a Lightning CLI config with the
+sections trainer, model, data, optimizer, lr_scheduler).
+
+commands:
+  RECIPE.yaml    same as `fit --config RECIPE.yaml`
+  fit            train, validate each epoch, export the model into the run folder
+  validate       evaluate on the validation split
+  test           evaluate on the test split
+  predict        write predictions.csv into the run folder
+
+`python -m finetune fit --help` lists every recipe key with its type and default.
+Runs are written to runs/<recipe name>/version_N (resolved recipe, metrics, checkpoints, export).
+"""
+
+
+def _fail(message: str) -> int:
+    print(f"finetune: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _recipe_args(argv: list[str]) -> list[str]:
+    """Rewrite ``RECIPE.yaml ...`` to ``fit --config RECIPE.yaml ...``; check the named recipe files exist."""
+    if argv[0] not in LIGHTNING_COMMANDS:
+        if argv[0].startswith("-") or not argv[0].endswith((".yaml", ".yml")):
+            raise RecipeError(
+                "command",
+                f"unknown command {argv[0]!r}; use a recipe file or one of {', '.join(LIGHTNING_COMMANDS)}",
+            )
+        argv = ["fit", "--config", *argv]
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("--config", "-c") and not Path(value).is_file():
+            raise RecipeError("--config", f"recipe file {value} does not exist")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        return 0
+    try:
+        argv = _recipe_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from finetune.lightning_cli import run_cli  # heavy: imports Lightning
+
+        run_cli(argv)
+    except RecipeError as error:
+        return _fail(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

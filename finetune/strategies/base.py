@@ -1,0 +1,53 @@
+"""The strategy contract: decide which parameters train. Nothing else (optimiser code builds groups)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from finetune.backbones.layout import Layout
+from finetune.registry import Registry
+
+BatchNormPolicy = Literal["eval", "train"]
+
+
+@dataclass
+class Strategy:
+    """Base class: ``apply(model, layout)`` sets ``requires_grad`` on every parameter of ``model``.
+
+    Args:
+        batchnorm: what frozen BatchNorm layers do in training. ``eval`` (default) keeps them in eval
+            mode so their running statistics stay those of pretraining; ``train`` lets them keep
+            tracking statistics of the new data (their weights still do not train).
+    """
+
+    batchnorm: BatchNormPolicy = "eval"
+
+    def apply(self, model: nn.Module, layout: Layout) -> None:
+        raise NotImplementedError
+
+    def set_batchnorm_mode(self, model: nn.Module) -> None:
+        """Put frozen BatchNorm layers in eval mode under the ``eval`` policy; call after ``model.train()``."""
+        if self.batchnorm != "eval":
+            return
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
+
+
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "model.strategy")
+
+
+def set_trainable(model: nn.Module, trainable: bool) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad_(trainable)
+
+
+def unfreeze_modules(model: nn.Module, names: tuple[str, ...] | list[str]) -> None:
+    """Make every parameter under the named submodules trainable."""
+    for name in names:
+        set_trainable(model.get_submodule(name), True)

@@ -1,0 +1,5 @@
+"""LightningModules, one per task."""
+
+from finetune.tasks.classification import ClassificationTask
+
+__all__ = ["ClassificationTask"]

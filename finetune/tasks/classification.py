@@ -1,0 +1,158 @@
+"""Image and text classification on a pretrained timm or Hugging Face backbone."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from finetune.backbones import Backbone
+from finetune.backbones.layout import Layout, discover_layout
+from finetune.errors import RecipeError
+from finetune.export import export_classifier
+from finetune.strategies import Strategy, describe_strategy, resolve_strategy
+
+NOT_MODEL_INPUTS = ("labels", "index")
+
+
+class ClassificationTask(pl.LightningModule):
+    """Classify images or text: a pretrained backbone, a new head sized to the labels, a fine-tuning strategy.
+
+    The model is built in ``configure_model`` once the labels are known: from ``labels`` when given,
+    else from the datamodule's ``labels``. Batches are dicts of model inputs plus ``labels`` and ``index``.
+    Logs ``{train,val,test}/loss``, ``/acc`` and ``/f1`` (macro).
+
+    Args:
+        backbone: the pretrained model: ``timm:NAME``, ``hf:ID``, a local folder, or a full backbone spec.
+        strategy: what trains: ``full``, ``freeze``, ``partial`` (by name, default arguments) or a
+            strategy object (``class_path``/``init_args`` in a recipe).
+        labels: class names in index order; default: the datamodule's labels.
+        optimizer: builds the optimizer from the trainable parameters (default AdamW, lr 1e-4).
+        lr_scheduler: builds an LR scheduler from the optimizer, stepped once per epoch (default: none).
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    monitor = "val/acc"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        backbone: str | Backbone,
+        strategy: str | Strategy = "full",
+        labels: list[str] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = Backbone.of(backbone)
+        self.loader, _ = self.backbone.resolve()
+        self.strategy = resolve_strategy(strategy)
+        self.labels = list(labels) if labels is not None else None
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.label_smoothing = label_smoothing
+        self.model: nn.Module | None = None
+        self.layout: Layout | None = None
+        # Plain data only, so checkpoints load with weights_only=True and rebuild this module.
+        self.save_hyperparameters(
+            {
+                "backbone": asdict(self.backbone),
+                "strategy": describe_strategy(self.strategy),
+                "labels": self.labels,
+                "label_smoothing": label_smoothing,
+            }
+        )
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        labels = self._resolve_labels()
+        classifier = self.backbone.load_classifier(labels)
+        self.model = classifier.model
+        self.layout = discover_layout(self.model, classifier.head)
+        self.strategy.apply(self.model, self.layout)
+        self.labels = labels
+        self.hparams["labels"] = labels
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes=len(labels)),
+                "f1": MulticlassF1Score(num_classes=len(labels), average="macro"),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def _resolve_labels(self) -> list[str]:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_labels = (
+            list(datamodule.labels) if datamodule is not None and hasattr(datamodule, "labels") else None
+        )
+        if self.labels is None and data_labels is None:
+            raise RecipeError(
+                "model.labels", "no labels known: give model labels or a datamodule with labels"
+            )
+        if self.labels is not None and data_labels is not None and self.labels != data_labels:
+            raise RecipeError(
+                "model.labels",
+                f"the model's labels {self.labels} differ from the data's {data_labels}; "
+                "make them the same (or drop model.labels to take the data's)",
+            )
+        return self.labels if self.labels is not None else data_labels
+
+    def train(self, mode: bool = True) -> ClassificationTask:
+        super().train(mode)
+        if mode and self.model is not None:
+            self.strategy.set_batchnorm_mode(self.model)  # Lightning calls train() each epoch
+        return self
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Class logits for a batch."""
+        inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
+        return self.loader.logits(self.model, inputs)
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        logits = self(batch)
+        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
+        batch_size = len(batch["labels"])
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), batch["labels"])
+        self.log_dict(metrics, prog_bar=stage != "train", batch_size=batch_size, on_epoch=True, on_step=False)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"index": batch["index"], "probabilities": self(batch).softmax(-1)}
+
+    def export(self, directory: Path) -> Path:
+        """Write the model in its native format (HF folder or timm config + safetensors) with ``labels.json``."""
+        return export_classifier(self, directory)
+
+    def configure_optimizers(self) -> Any:
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+        else:
+            optimizer = self.optimizer_factory(parameters)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}

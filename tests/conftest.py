@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random-init models saved to disk (read back through the real loaders) and tiny data.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set before any Hugging Face import.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import csv  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "okay", "movie", "food", "day", "very", "not"]
+POSITIVE = {"good", "great", "fine"}
+NEGATIVE = {"bad", "awful", "poor"}
+
+
+def make_tokenizer(directory: Path):
+    """A word-level BERT tokenizer over WORDS, saved in ``directory``."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT with its tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from transformers import AutoModel, BertConfig
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = make_tokenizer(directory)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_timm_checkpoint(tmp_path_factory) -> Path:
+    """Weights of timm's ``test_vit`` (random init) saved as safetensors, for ``checkpoint:`` loading."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False)
+    path = tmp_path_factory.mktemp("tiny-vit") / "test_vit.safetensors"
+    save_file(model.state_dict(), path)
+    return path
+
+
+def sentence(rng: random.Random, label: str) -> str:
+    pool = {"positive": POSITIVE, "negative": NEGATIVE}[label]
+    words = [rng.choice(sorted(pool))] + [
+        rng.choice(["movie", "food", "day", "very"]) for _ in range(rng.randint(1, 5))
+    ]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+@pytest.fixture(scope="session")
+def text_csv(tmp_path_factory) -> Path:
+    """80 labelled sentences (positive/negative by a keyword), columns ``text,label``."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "reviews.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(80):
+            label = "positive" if i % 2 else "negative"
+            writer.writerow([sentence(rng, label), label])
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """ImageFolder layout: ``red/`` and ``blue/`` with 12 noisy 40x40 PNGs each."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label, channel in (("red", 0), ("blue", 2)):
+        (root / label).mkdir()
+        for i in range(12):
+            pixels = rng.integers(0, 80, size=(40, 40, 3), dtype=np.uint8)
+            pixels[..., channel] = rng.integers(170, 255, size=(40, 40), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
