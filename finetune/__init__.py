@@ -1,0 +1,41 @@
+"""finetune: recipe-driven fine-tuning of timm and Hugging Face models on PyTorch Lightning.
+
+Everything is importable from here for use in your own ``Trainer``; heavy libraries load on first use,
+so ``import finetune`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Backbone": "finetune.backbones",
+    "RecipeError": "finetune.errors",
+    "ClassificationTask": "finetune.tasks",
+    "TextClassificationData": "finetune.data",
+    "ImageClassificationData": "finetune.data",
+    "Strategy": "finetune.strategies",
+    "Full": "finetune.strategies",
+    "Freeze": "finetune.strategies",
+    "Partial": "finetune.strategies",
+    "ExportModel": "finetune.callbacks",
+    "MetricsReport": "finetune.callbacks",
+    "ParameterReport": "finetune.callbacks",
+    "PredictionWriter": "finetune.callbacks",
+    "RestoreRNG": "finetune.callbacks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'finetune' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

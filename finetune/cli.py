@@ -53,6 +53,16 @@ def _recipe_args(argv: list[str]) -> list[str]:
     return argv
 
 
+def _show_progress_messages() -> None:
+    """Print finetune's INFO messages (tables, summaries) on stderr, as Lightning does its own."""
+    logger = logging.getLogger("finetune")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         argv = _recipe_args(argv)
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        _show_progress_messages()
         from finetune.lightning_cli import run_cli  # heavy: imports Lightning
 
         run_cli(argv)

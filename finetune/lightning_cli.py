@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,9 @@ class FinetuneCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
+        if self.trainer.logger is not None:
+            # Create the run folder through the logger first, so it does not warn that the folder is not empty.
+            _ = self.trainer.logger.experiment
         labels = getattr(self.datamodule, "labels", None)
         if labels is not None and self.trainer.is_global_zero:
             directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
@@ -85,15 +90,47 @@ class FinetuneCLI(LightningCLI):
             (directory / "labels.json").write_text(json.dumps(list(labels), indent=2))
 
 
-_KEY = re.compile(r'key "([^"]+)"|Parser key "([^"]+)"')
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_CLASS_PATH = re.compile(r"class_path '([^']+)'")
+_UNKNOWN = re.compile(r"Option '([^']+)' is not accepted|No action for key \"([^\"]+)\"")
 
 
-def _parse_error_message(text: str) -> str:
-    """The first meaningful line of a jsonargparse error, with ``init_args.`` dropped from keys."""
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("usage:")]
-    message = next((line for line in lines if "error:" in line), lines[0] if lines else text)
-    message = message.split("error:", 1)[-1].strip()
-    return message.replace("init_args.", "")
+def explain_parse_error(text: str) -> RecipeError:
+    """Condense a jsonargparse error (nested, one branch per Union member) into one line naming the key."""
+    keys: list[str] = []
+    class_path = expected = given = None
+    for line in (raw.strip().lstrip("- ") for raw in text.splitlines()):
+        keys += [k for k in _PARSER_KEY.findall(line) if not keys or k != keys[-1]]
+        class_path = next(iter(_CLASS_PATH.findall(line)), class_path)  # the innermost class wins
+        unknown = _UNKNOWN.search(line)
+        if unknown:
+            name = unknown.group(1) or unknown.group(2)
+            key = ".".join([*keys, name]).replace("init_args.", "")
+            return RecipeError(key, f"unknown key{_valid_keys(class_path)}; check its spelling and section")
+        if line.startswith("unrecognized arguments:"):
+            return RecipeError(line.split()[2].lstrip("-"), "unknown key; `--help` after the command lists the keys")
+        if line.startswith("Expected a") and "NoneType" not in line and expected is None:
+            expected = line.removeprefix("Expected a ").replace("<class '", "").replace("'>", "")
+        elif line.startswith("Given value:") and expected is not None and given is None:
+            given = line.split(":", 1)[1].split(". Got value")[0].strip()
+    key = ".".join(keys).replace("init_args.", "") or "recipe"
+    if expected:
+        return RecipeError(key, f"expected {expected}, got {given!r}; fix the value's type")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), text)
+    return RecipeError(key, first)
+
+
+def _valid_keys(class_path: str | None) -> str:
+    if not class_path:
+        return ""
+    from jsonargparse._parameter_resolvers import get_signature_parameters
+    from jsonargparse._util import import_object
+
+    try:
+        names = [p.name for p in get_signature_parameters(import_object(class_path), None)]
+    except (ImportError, AttributeError, ValueError):
+        return ""
+    return f" for {class_path} (valid: {', '.join(names)})"
 
 
 def run_cli(argv: list[str]) -> FinetuneCLI:
@@ -103,6 +140,7 @@ def run_cli(argv: list[str]) -> FinetuneCLI:
 
     config = next((value for flag, value in zip(argv, argv[1:]) if flag in ("--config", "-c")), None)
     run_name = Path(config).stem if config else "run"
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         return FinetuneCLI(
             model_class=None,
@@ -126,12 +164,5 @@ def run_cli(argv: list[str]) -> FinetuneCLI:
             run_name=run_name,
             args=argv,
         )
-    except RecipeError:
-        raise
-    except Exception as error:  # jsonargparse reports bad keys and values as ArgumentError / ValueError
-        if (
-            type(error).__module__.startswith(("jsonargparse", "argparse"))
-            or "ArgumentError" in type(error).__name__
-        ):
-            raise RecipeError("recipe", _parse_error_message(str(error))) from error
-        raise
+    except ArgumentError as error:  # jsonargparse's report of a bad key or value
+        raise explain_parse_error(str(error)) from error

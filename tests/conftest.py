@@ -28,8 +28,7 @@ def make_tokenizer(directory: Path):
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
     tokenizer.save_pretrained(directory)
     return tokenizer
 

@@ -1,0 +1,36 @@
+"""Data modules for classification: text (tables or Hugging Face datasets) and images (folders or tables).
+
+Attributes are imported on first access, so ``import finetune.data`` stays cheap (no torch, lightning,
+pandas) and ``python -m finetune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune.data.base import ClassificationData
+    from finetune.data.image import ImageClassificationData
+    from finetune.data.tables import read_table
+    from finetune.data.text import TextClassificationData
+
+_HOMES = {
+    "ClassificationData": "finetune.data.base",
+    "ImageClassificationData": "finetune.data.image",
+    "TextClassificationData": "finetune.data.text",
+    "read_table": "finetune.data.tables",
+}
+
+__all__ = ["ClassificationData", "ImageClassificationData", "TextClassificationData", "read_table"]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

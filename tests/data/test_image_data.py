@@ -1,0 +1,91 @@
+"""ImageClassificationData: class folders, path tables, the backbone's transforms and layout errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from PIL import Image
+
+from finetune.data import ImageClassificationData
+from finetune.errors import RecipeError
+
+
+@pytest.fixture
+def input_shape(vit_backbone):
+    """(C, H, W) that the backbone's eval transform produces: what every batch must match."""
+    return tuple(vit_backbone.image_transform(train=False)(Image.new("RGB", (40, 40))).shape)
+
+
+@pytest.fixture
+def image_table(tmp_path, image_folder):
+    """A CSV beside an ``imgs/`` folder, listing 4 images by relative path."""
+    (tmp_path / "imgs").mkdir()
+    lines = ["file,kind"]
+    for label in ("red", "blue"):
+        for i in range(2):
+            shutil.copy(image_folder / label / f"{i}.png", tmp_path / "imgs" / f"{label}{i}.png")
+            lines.append(f"imgs/{label}{i}.png,{label}")
+    path = tmp_path / "images.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_class_folders_give_labels_and_pixel_values(image_folder, vit_backbone, input_shape):
+    data = ImageClassificationData(
+        train=str(image_folder), backbone=vit_backbone, batch_size=5, val_fraction=0.25
+    )
+    data.setup("fit")
+    assert data.labels == ["blue", "red"]
+    assert (len(data.table("train")), len(data.table("val"))) == (18, 6)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["pixel_values"].shape == (5, *input_shape)
+    assert batch["pixel_values"].is_floating_point()
+    folders = [p.split("/")[-2] for p in data.table("train").iloc[batch["index"].tolist()]["path"]]
+    assert [data.labels[i] for i in batch["labels"].tolist()] == folders
+
+
+def test_only_the_train_split_gets_the_train_transform(image_folder, vit_backbone):
+    data = ImageClassificationData(train=str(image_folder), backbone=vit_backbone)
+    data.setup("fit")
+    assert "RandomResizedCrop" in repr(data.split_dataset("train").transform)
+    assert "RandomResizedCrop" not in repr(data.split_dataset("val").transform)
+
+
+def test_tables_resolve_paths_from_their_folder(image_table, vit_backbone, input_shape):
+    data = ImageClassificationData(
+        predict=str(image_table),
+        path_column="file",
+        label_column="kind",
+        labels=["red", "blue"],
+        backbone=vit_backbone,
+    )
+    data.setup("predict")
+    batch = next(iter(data.predict_dataloader()))
+    assert batch["pixel_values"].shape == (4, *input_shape)
+    assert batch["labels"].tolist() == [0, 0, 1, 1]
+    assert data.predict_table()["file"].str.startswith(str(image_table.parent)).all()
+
+
+def test_a_flat_folder_predicts_without_labels(tmp_path, image_folder, vit_backbone):
+    for i in range(3):
+        shutil.copy(image_folder / "red" / f"{i}.png", tmp_path / f"{i}.png")
+    data = ImageClassificationData(predict=str(tmp_path), labels=["blue", "red"], backbone=vit_backbone)
+    data.setup("predict")
+    batch = next(iter(data.predict_dataloader()))
+    assert "labels" not in batch and batch["index"].tolist() == [0, 1, 2]
+
+
+def test_listed_images_that_do_not_exist_are_an_error(image_table):
+    (image_table.parent / "imgs" / "red1.png").unlink()
+    data = ImageClassificationData(train=str(image_table), path_column="file", label_column="kind")
+    with pytest.raises(RecipeError, match=r"^data\.train: 1 images listed in images\.csv do not exist"):
+        data.labels  # noqa: B018 - reading the labels reads the train table
+
+
+def test_layout_errors_name_their_key(tmp_path, image_table):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match=r"^data\.train: .*empty has no images"):
+        ImageClassificationData(train=str(tmp_path / "empty")).labels  # noqa: B018
+    with pytest.raises(RecipeError, match=r"^data\.path_column: column 'path' not in images\.csv"):
+        ImageClassificationData(train=str(image_table), label_column="kind").labels  # noqa: B018
