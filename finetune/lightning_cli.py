@@ -108,7 +108,9 @@ def explain_parse_error(text: str) -> RecipeError:
             key = ".".join([*keys, name]).replace("init_args.", "")
             return RecipeError(key, f"unknown key{_valid_keys(class_path)}; check its spelling and section")
         if line.startswith("unrecognized arguments:"):
-            return RecipeError(line.split()[2].lstrip("-"), "unknown key; `--help` after the command lists the keys")
+            return RecipeError(
+                line.split()[2].lstrip("-"), "unknown key; `--help` after the command lists the keys"
+            )
         if line.startswith("Expected a") and "NoneType" not in line and expected is None:
             expected = line.removeprefix("Expected a ").replace("<class '", "").replace("'>", "")
         elif line.startswith("Given value:") and expected is not None and given is None:

@@ -26,7 +26,13 @@ def text_recipe(bert_dir: Path, csv: Path, root: Path, **data: Any) -> dict[str,
         "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
         "data": {
             "class_path": "finetune.data.TextClassificationData",
-            "init_args": {"train": str(csv), "val_fraction": 0.25, "test_fraction": 0.25, "batch_size": 8, **data},
+            "init_args": {
+                "train": str(csv),
+                "val_fraction": 0.25,
+                "test_fraction": 0.25,
+                "batch_size": 8,
+                **data,
+            },
         },
     }
 

@@ -1,5 +1,6 @@
-"""LightningModules, one per task."""
+"""LightningModules, one per task, on a shared base (backbone + strategy + optimizer)."""
 
+from finetune.tasks.base import FinetuneTask
 from finetune.tasks.classification import ClassificationTask
 
-__all__ = ["ClassificationTask"]
+__all__ = ["ClassificationTask", "FinetuneTask"]

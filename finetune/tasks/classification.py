@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -18,12 +16,13 @@ from finetune.backbones import Backbone
 from finetune.backbones.layout import Layout, discover_layout
 from finetune.errors import RecipeError
 from finetune.export import export_classifier
-from finetune.strategies import Strategy, describe_strategy, resolve_strategy
+from finetune.strategies import Strategy
+from finetune.tasks.base import FinetuneTask
 
 NOT_MODEL_INPUTS = ("labels", "index")
 
 
-class ClassificationTask(pl.LightningModule):
+class ClassificationTask(FinetuneTask):
     """Classify images or text: a pretrained backbone, a new head sized to the labels, a fine-tuning strategy.
 
     The model is built in ``configure_model`` once the labels are known: from ``labels`` when given,
@@ -52,34 +51,16 @@ class ClassificationTask(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.backbone = Backbone.of(backbone)
-        self.loader, _ = self.backbone.resolve()
-        self.strategy = resolve_strategy(strategy)
+        super().__init__(backbone, strategy, optimizer, lr_scheduler)
         self.labels = list(labels) if labels is not None else None
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
         self.label_smoothing = label_smoothing
-        self.model: nn.Module | None = None
-        self.layout: Layout | None = None
-        # Plain data only, so checkpoints load with weights_only=True and rebuild this module.
         self.save_hyperparameters(
-            {
-                "backbone": asdict(self.backbone),
-                "strategy": describe_strategy(self.strategy),
-                "labels": self.labels,
-                "label_smoothing": label_smoothing,
-            }
+            self.base_hparams() | {"labels": self.labels, "label_smoothing": label_smoothing}
         )
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def build_model(self) -> tuple[nn.Module, Layout]:
         labels = self._resolve_labels()
         classifier = self.backbone.load_classifier(labels)
-        self.model = classifier.model
-        self.layout = discover_layout(self.model, classifier.head)
-        self.strategy.apply(self.model, self.layout)
         self.labels = labels
         self.hparams["labels"] = labels
         metrics = MetricCollection(
@@ -91,6 +72,7 @@ class ClassificationTask(pl.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        return classifier.model, discover_layout(classifier.model, classifier.head)
 
     def _resolve_labels(self) -> list[str]:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -108,12 +90,6 @@ class ClassificationTask(pl.LightningModule):
                 "make them the same (or drop model.labels to take the data's)",
             )
         return self.labels if self.labels is not None else data_labels
-
-    def train(self, mode: bool = True) -> ClassificationTask:
-        super().train(mode)
-        if mode and self.model is not None:
-            self.strategy.set_batchnorm_mode(self.model)  # Lightning calls train() each epoch
-        return self
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Class logits for a batch."""
@@ -145,14 +121,3 @@ class ClassificationTask(pl.LightningModule):
     def export(self, directory: Path) -> Path:
         """Write the model in its native format (HF folder or timm config + safetensors) with ``labels.json``."""
         return export_classifier(self, directory)
-
-    def configure_optimizers(self) -> Any:
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(parameters, lr=1e-4)
-        else:
-            optimizer = self.optimizer_factory(parameters)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
