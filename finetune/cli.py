@@ -6,6 +6,7 @@ Bad recipe values end in one line naming the key, with exit status 2.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 from finetune.errors import RecipeError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# Commands of our own: name -> "module:function"; the function takes the remaining argv, returns an exit code.
+COMMANDS: dict[str, str] = {}
 
 HELP = """\
 usage: python -m finetune RECIPE.yaml [--section.key=value ...]
@@ -69,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP, end="")
         return 0
     try:
-        argv = _recipe_args(argv)
         _show_progress_messages()
+        if argv[0] in COMMANDS:
+            module, _, function = COMMANDS[argv[0]].partition(":")
+            return getattr(importlib.import_module(module), function)(argv[1:])
+        argv = _recipe_args(argv)
         from finetune.lightning_cli import run_cli  # heavy: imports Lightning
 
         run_cli(argv)
