@@ -45,9 +45,10 @@ def _recipe_args(argv: list[str]) -> list[str]:
     """Rewrite ``RECIPE.yaml ...`` to ``fit --config RECIPE.yaml ...``; check the named recipe files exist."""
     if argv[0] not in LIGHTNING_COMMANDS:
         if argv[0].startswith("-") or not argv[0].endswith((".yaml", ".yml")):
+            known = ", ".join([*LIGHTNING_COMMANDS, *COMMANDS])
             raise RecipeError(
                 "command",
-                f"unknown command {argv[0]!r}; use a recipe file or one of {', '.join(LIGHTNING_COMMANDS)}",
+                f"unknown command {argv[0]!r}; give a recipe file or one of: {known}",
             )
         argv = ["fit", "--config", *argv]
     for flag, value in zip(argv, argv[1:]):
