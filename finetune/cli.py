@@ -57,11 +57,23 @@ def _recipe_args(argv: list[str]) -> list[str]:
     return argv
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (callers, tests among them, may replace it between runs)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_progress_messages() -> None:
     """Print finetune's INFO messages (tables, summaries) on stderr, as Lightning does its own."""
     logger = logging.getLogger("finetune")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

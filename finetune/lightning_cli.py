@@ -7,7 +7,6 @@ the model's backbone passed to the data (for its tokenizer or image transform), 
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from argparse import ArgumentError
@@ -47,6 +46,13 @@ class FinetuneCLI(LightningCLI):
         parser.link_arguments("lr_scheduler", "model.init_args.lr_scheduler")
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
 
+    def _parse_ckpt_path(self) -> None:
+        """The recipe alone decides the model: ``--ckpt_path`` supplies weights and training state only.
+
+        (LightningCLI would merge the checkpoint's hyperparameters into the recipe; ours are plain data
+        for ``load_from_checkpoint``, not recipe keys.)
+        """
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
@@ -59,35 +65,44 @@ class FinetuneCLI(LightningCLI):
         if trainer.enable_checkpointing is not False and not any(
             c.class_path.endswith("ModelCheckpoint") for c in callbacks
         ):
-            callbacks.append(self._checkpoint(config.model.class_path))
+            callbacks = self._checkpoints(config.model.class_path) + callbacks
         trainer.callbacks = callbacks
 
     @staticmethod
-    def _checkpoint(model_class_path: str) -> Namespace:
-        """Keep the best epoch by the task's own metric, and the last one for resuming."""
+    def _checkpoints(model_class_path: str) -> list[Namespace]:
+        """``best-*.ckpt`` by the task's own metric, and ``last.ckpt`` rewritten every epoch for resuming.
+
+        Two callbacks, because Lightning (2.6) writes ``save_last`` only in epochs that also save a best one.
+        The best one comes first: ``trainer.checkpoint_callback`` (used for export) is the first.
+        """
         from jsonargparse._util import import_object
 
         task = import_object(model_class_path)
-        return Namespace(
-            class_path="lightning.pytorch.callbacks.ModelCheckpoint",
-            init_args=Namespace(
-                monitor=getattr(task, "monitor", None),
-                mode=getattr(task, "monitor_mode", "min"),
-                save_last=True,
-                filename="best-epoch{epoch}-step{step}",
-                auto_insert_metric_name=False,
-            ),
+        checkpoint = "lightning.pytorch.callbacks.ModelCheckpoint"
+        best = Namespace(
+            monitor=getattr(task, "monitor", None),
+            mode=getattr(task, "monitor_mode", "min"),
+            filename="best-epoch{epoch}-step{step}",
+            auto_insert_metric_name=False,
         )
+        last = Namespace(monitor=None, filename="last", enable_version_counter=False)
+        return [
+            Namespace(class_path=checkpoint, init_args=best),
+            Namespace(class_path=checkpoint, init_args=last),
+        ]
 
     def before_fit(self) -> None:
         if self.trainer.logger is not None:
             # Create the run folder through the logger first, so it does not warn that the folder is not empty.
             _ = self.trainer.logger.experiment
-        labels = getattr(self.datamodule, "labels", None)
-        if labels is not None and self.trainer.is_global_zero:
-            directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "labels.json").write_text(json.dumps(list(labels), indent=2))
+        if self.trainer.is_global_zero and hasattr(self.datamodule, "save_labels"):
+            self.datamodule.save_labels(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+
+    def after_fit(self) -> None:
+        """End ``fit`` with a test of the (best) model when the data has a test split."""
+        table = getattr(self.datamodule, "table", None)
+        if table is not None and table("test") is not None and not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=self.datamodule)
 
 
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
@@ -108,9 +123,8 @@ def explain_parse_error(text: str) -> RecipeError:
             key = ".".join([*keys, name]).replace("init_args.", "")
             return RecipeError(key, f"unknown key{_valid_keys(class_path)}; check its spelling and section")
         if line.startswith("unrecognized arguments:"):
-            return RecipeError(
-                line.split()[2].lstrip("-"), "unknown key; `--help` after the command lists the keys"
-            )
+            key = line.split()[2].lstrip("-").split("=")[0]
+            return RecipeError(key, "unknown key; `--help` after the command lists the keys")
         if line.startswith("Expected a") and "NoneType" not in line and expected is None:
             expected = line.removeprefix("Expected a ").replace("<class '", "").replace("'>", "")
         elif line.startswith("Given value:") and expected is not None and given is None:
@@ -167,4 +181,21 @@ def run_cli(argv: list[str]) -> FinetuneCLI:
             args=argv,
         )
     except ArgumentError as error:  # jsonargparse's report of a bad key or value
-        raise explain_parse_error(str(error)) from error
+        raise _recipe_error_in(error) or explain_parse_error(str(error)) from error
+    except Exception as error:
+        # jsonargparse wraps errors raised while it instantiates classes; surface ours unwrapped.
+        found = _recipe_error_in(error)
+        if found is None:
+            raise
+        raise found from error
+
+
+def _recipe_error_in(error: BaseException) -> RecipeError | None:
+    """The RecipeError that ``error`` is, or was raised from, if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, RecipeError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

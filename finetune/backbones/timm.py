@@ -13,6 +13,15 @@ from finetune.errors import RecipeError
 from finetune.paths import resolve_path
 
 
+def _check_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise RecipeError(KEY, f"timm has no model named {name!r}{hint}")
+
+
 class TimmLoader:
     """Loads a timm model with its classifier reset to the labels; preprocessing from timm's data config."""
 
@@ -26,10 +35,8 @@ class TimmLoader:
         import timm
 
         is_folder = Path(source).is_dir()
-        if not is_folder and not timm.is_model(source):
-            close = difflib.get_close_matches(source, timm.list_models(), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-            raise RecipeError(KEY, f"timm has no model named {source!r}{hint}")
+        if not is_folder:
+            _check_name(source)
         name = f"local-dir:{source}" if is_folder else source
         if checkpoint:
             weights = resolve_path(checkpoint, "model.backbone.checkpoint")
@@ -53,6 +60,8 @@ class TimmLoader:
         return model(batch["pixel_values"])
 
     def tokenizer(self, source: str, backbone: Backbone) -> Any:
+        if not Path(source).is_dir():
+            _check_name(source)
         raise RecipeError(
             KEY, f"timm model {source!r} takes images, not text; use finetune.data.ImageClassificationData"
         )

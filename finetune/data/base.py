@@ -387,6 +387,9 @@ class ClassificationData(pl.LightningDataModule, ABC):
             collate_fn=dataset.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Its own generator: creating an iterator then draws no number from the global RNG, so a
+            # resumed run (which creates them at other moments) keeps the same dropout masks.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
 

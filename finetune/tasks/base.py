@@ -56,6 +56,9 @@ class FinetuneTask(pl.LightningModule):
             return
         self.model, self.layout = self.build_model()
         self.strategy.apply(self.model, self.layout)
+        # Hugging Face loads models in eval mode and Lightning (2.2+) keeps module modes as they are, so
+        # without this, dropout would stay off for the whole of training.
+        self.train(self.training)
 
     def export(self, directory: Path) -> Path:
         """Write the model so that it loads without ``finetune``."""
