@@ -137,8 +137,8 @@ def _valid_keys(class_path: str | None) -> str:
 
 def run_cli(argv: list[str]) -> FinetuneCLI:
     """Run the Lightning CLI on ``argv``; turn argument and recipe errors into ``RecipeError``."""
-    from finetune.data import ImageClassificationData, TextClassificationData  # noqa: F401
-    from finetune.tasks import ClassificationTask  # noqa: F401  (registers subclasses for short class names)
+    from finetune.data import ImageClassificationData, InstructionData, TextClassificationData  # noqa: F401
+    from finetune.tasks import ClassificationTask, SFTTask  # noqa: F401  (registers subclasses for short class names)
 
     config = next((value for flag, value in zip(argv, argv[1:]) if flag in ("--config", "-c")), None)
     run_name = Path(config).stem if config else "run"

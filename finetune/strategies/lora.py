@@ -134,7 +134,7 @@ class LoRA(Strategy):
 
     def apply(self, model: nn.Module, layout: Layout) -> None:
         targets = self.inject(model, layout)
-        log.info("%s adapters on %d modules: %s", self.adapter, len(targets), adapter_summary(targets))
+        log.debug("%s adapters on %d modules: %s", self.adapter, len(targets), adapter_summary(targets))
 
     def inject(self, model: nn.Module, layout: Layout) -> list[str]:
         """Freeze ``model``, add the adapters, unfreeze ``modules_to_save``; return the adapted module names."""
