@@ -74,8 +74,9 @@ def load_run(run: Path) -> Any:
     """The run's task with its model built and the checkpoint's weights loaded."""
     import torch
 
+    path = find_checkpoint(run)
     cls = _task_class(run)
-    checkpoint = torch.load(find_checkpoint(run), map_location="cpu", weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     accepted = inspect.signature(cls.__init__).parameters
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
     task = cls(**hparams)
