@@ -15,11 +15,12 @@ from finetune.errors import RecipeError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands of our own: name -> "module:function"; the function takes the remaining argv, returns an exit code.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {"export": "finetune.export_run:main"}
 
 HELP = """\
 usage: python -m finetune RECIPE.yaml [--section.key=value ...]
        python -m finetune {fit,validate,test,predict} --config RECIPE.yaml [--section.key=value ...]
+       python -m finetune export RUN_DIR [--merge] [--out DIR]
 
 Fine-tune a pretrained timm or Hugging Face model from a recipe (a Lightning CLI config with the
 sections trainer, model, data, optimizer, lr_scheduler).
@@ -30,6 +31,7 @@ commands:
   validate       evaluate on the validation split
   test           evaluate on the test split
   predict        write predictions.csv into the run folder
+  export         write a run's model again: adapters alone (peft format), or --merge for a plain model
 
 `python -m finetune fit --help` lists every recipe key with its type and default.
 Runs are written to runs/<recipe name>/version_N (resolved recipe, metrics, checkpoints, export).

@@ -1,10 +1,11 @@
-"""Write a fine-tuned classifier in its family's native format, loadable without ``finetune``."""
+"""Write a fine-tuned model in its family's native format (or its adapters in peft's), loadable without ``finetune``."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,57 @@ def write_atomically(directory: Path, write: Any) -> Path:
     return directory
 
 
-def export_classifier(task: Any, directory: Path) -> Path:
-    """Export ``task.model`` (HF ``save_pretrained`` folder or timm ``config.json`` + safetensors) and its labels."""
+def merged_model(task: Any) -> Any:
+    """A copy of ``task.model`` with its adapters merged into plain weights, in the dtype the strategy
+    loads weights in (a quantised base is dequantised first); ``task.model`` is left as it is."""
+    import torch
+
+    from finetune.adapters import merged_copy
+
+    dtype = task.strategy.load_options().get("dtype", torch.float32)
+
+    def unquantised_twin() -> Any:
+        model = task.load_backbone({"dtype": dtype})
+        task.strategy.inject(model, task.layout)
+        return model
+
+    return merged_copy(task.model, unquantised_twin, dtype)
+
+
+def write_model(task: Any, target: Path, merge: bool, save_plain: Callable[[Any, Path], None]) -> None:
+    """Adapters alone in peft's format (``merge`` false), or ``save_plain(model, target)`` of a plain model."""
+    from finetune.adapters import has_adapters, save_adapter
+
+    if not has_adapters(task.model):
+        save_plain(task.model, target)
+    elif merge:
+        save_plain(merged_model(task), target)
+    else:
+        save_adapter(task.model, target, base_model=task.backbone.name)
+
+
+def export_classifier(task: Any, directory: Path, merge: bool = False) -> Path:
+    """Export ``task.model`` (HF ``save_pretrained`` folder or timm ``config.json`` + safetensors, or the
+    adapters alone) and its labels."""
+
+    def save_plain(model: Any, target: Path) -> None:
+        task.loader.export(model, target, task.labels, task.backbone)
 
     def write(target: Path) -> None:
-        task.loader.export(task.model, target, task.labels, task.backbone)
+        write_model(task, target, merge, save_plain)
         (target / "labels.json").write_text(json.dumps(task.labels, indent=2))
+
+    return write_atomically(directory, write)
+
+
+def export_causal_lm(task: Any, directory: Path, merge: bool = False) -> Path:
+    """Export a causal LM as a Hugging Face folder (safetensors) with its tokenizer, or the adapters alone."""
+
+    def save_plain(model: Any, target: Path) -> None:
+        model.save_pretrained(target)
+
+    def write(target: Path) -> None:
+        write_model(task, target, merge, save_plain)
+        task.backbone.tokenizer().save_pretrained(target)
 
     return write_atomically(directory, write)

@@ -13,7 +13,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import (
     LightningArgumentParser,
     LightningCLI,
@@ -23,6 +23,7 @@ from lightning.pytorch.cli import (
 
 from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter, RestoreRNG
 from finetune.errors import RecipeError
+from finetune.strategies import Strategy
 
 
 class FinetuneCLI(LightningCLI):
@@ -151,8 +152,12 @@ def _valid_keys(class_path: str | None) -> str:
 
 def run_cli(argv: list[str]) -> FinetuneCLI:
     """Run the Lightning CLI on ``argv``; turn argument and recipe errors into ``RecipeError``."""
-    from finetune.data import ImageClassificationData, TextClassificationData  # noqa: F401
-    from finetune.tasks import ClassificationTask  # noqa: F401  (registers subclasses for short class names)
+    from finetune.data import ImageClassificationData, InstructionData, TextClassificationData  # noqa: F401
+    from finetune.tasks import ClassificationTask, SFTTask  # noqa: F401  (registers subclasses for short class names)
+
+    # Strategies are dataclasses, which jsonargparse accepts by `class_path` (LoRA, QLoRA, Partial ...)
+    # only when subclassing is enabled for their base.
+    set_parsing_settings(subclasses_enabled=[Strategy])
 
     config = next((value for flag, value in zip(argv, argv[1:]) if flag in ("--config", "-c")), None)
     run_name = Path(config).stem if config else "run"

@@ -106,3 +106,61 @@ def image_folder(tmp_path_factory) -> Path:
             pixels[..., channel] = rng.integers(170, 255, size=(40, 40), dtype=np.uint8)
             Image.fromarray(pixels).save(root / label / f"{i}.png")
     return root
+
+
+LM_WORDS = [
+    "###",
+    "Instruction:",
+    "Response:",
+    "System:",
+    "say",
+    "hello",
+    "world",
+    "count",
+    "one",
+    "two",
+    "three",
+]
+
+
+def make_lm_tokenizer(directory: Path):
+    """A word-level tokenizer with BOS/EOS/PAD over WORDS and LM_WORDS (no chat template), saved in ``directory``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "<unk>", "<s>", "</s>", *WORDS, *LM_WORDS]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama causal LM with a word-level tokenizer, saved as a Hugging Face folder.
+
+    64 wide because bitsandbytes quantises in blocks of 64 values.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = make_lm_tokenizer(directory)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory

@@ -30,7 +30,13 @@ class BackboneLoader(Protocol):
     def claims(self, path: Path) -> bool:
         """True when a local folder holds a model of this family."""
 
-    def load_classifier(self, source: str, backbone: Backbone, labels: list[str]) -> Classifier: ...
+    def load_classifier(
+        self, source: str, backbone: Backbone, labels: list[str], options: Mapping[str, Any]
+    ) -> Classifier:
+        """Load with a new head for ``labels``; ``options`` come from the strategy (``Strategy.load_options``)."""
+
+    def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
+        """Load a decoder-only language model with its LM head; raise ``RecipeError`` if the family has none."""
 
     def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
         """Class logits for a batch produced by this family's preprocessing."""
@@ -97,9 +103,13 @@ class Backbone:
     def family(self) -> str:
         return self.resolve()[0].family
 
-    def load_classifier(self, labels: list[str]) -> Classifier:
+    def load_classifier(self, labels: list[str], options: Mapping[str, Any] | None = None) -> Classifier:
         loader, source = self.resolve()
-        return loader.load_classifier(source, self, labels)
+        return loader.load_classifier(source, self, labels, options or {})
+
+    def load_causal_lm(self, options: Mapping[str, Any] | None = None) -> Any:
+        loader, source = self.resolve()
+        return loader.load_causal_lm(source, self, options or {})
 
     def tokenizer(self) -> Any:
         loader, source = self.resolve()

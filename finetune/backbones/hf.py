@@ -1,7 +1,8 @@
-"""Hugging Face transformers backbones: text and image classification through the Auto classes."""
+"""Hugging Face transformers backbones: text and image classification and causal LMs through the Auto classes."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,7 +36,9 @@ class HFLoader:
         config = path / "config.json"
         return config.is_file() and "model_type" in json.loads(config.read_text())
 
-    def load_classifier(self, source: str, backbone: Backbone, labels: list[str]) -> Classifier:
+    def load_classifier(
+        self, source: str, backbone: Backbone, labels: list[str], options: Mapping[str, Any]
+    ) -> Classifier:
         from transformers import AutoConfig
 
         config = _reading(
@@ -50,17 +53,62 @@ class HFLoader:
             ),
         )
         auto = self._auto_class(config)
+        options = self._heads_unquantised(auto, config, backbone, options)
+        model = self._load(auto, source, config, backbone, options, ignore_mismatched_sizes=True)
+        return Classifier(model=model, head=self._head(model))
+
+    def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = _reading(
+            source, "config", lambda: AutoConfig.from_pretrained(source, **_hub_kwargs(backbone))
+        )
+        return self._load(AutoModelForCausalLM, source, config, backbone, options)
+
+    @staticmethod
+    def _load(
+        auto: Any, source: str, config: Any, backbone: Backbone, options: Mapping[str, Any], **kwargs: Any
+    ) -> Any:
+        """``auto.from_pretrained`` with the strategy's ``options``, or random init from ``config``."""
         if backbone.pretrained:
-            model = _reading(
+            return _reading(
                 source,
                 "weights",
                 lambda: auto.from_pretrained(
-                    source, config=config, ignore_mismatched_sizes=True, **_hub_kwargs(backbone)
+                    source, config=config, **_hub_kwargs(backbone), **kwargs, **options
                 ),
             )
-        else:
-            model = auto.from_config(config, trust_remote_code=backbone.trust_remote_code)
-        return Classifier(model=model, head=self._head(model))
+        if options:
+            raise RecipeError(
+                "model.backbone.pretrained",
+                f"the strategy loads pretrained weights with {', '.join(sorted(options))}; set pretrained: true",
+            )
+        return auto.from_config(config, trust_remote_code=backbone.trust_remote_code)
+
+    def _heads_unquantised(
+        self, auto: Any, config: Any, backbone: Backbone, options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Keep the new head out of quantisation: a 4-bit head could not train (transformers only skips
+        the last module and the output embeddings by itself)."""
+        options = dict(options)
+        quantization = options.get("quantization_config")
+        if quantization is None:
+            return options
+        import torch
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        with torch.device("meta"):  # the module names only: no weights read or allocated
+            skeleton = auto.from_config(config, trust_remote_code=backbone.trust_remote_code)
+        quantization = copy.copy(quantization)
+        quantization.llm_int8_skip_modules = sorted(
+            {
+                *(quantization.llm_int8_skip_modules or ()),
+                *get_keys_to_not_convert(skeleton),
+                *self._head(skeleton),
+            }
+        )
+        options["quantization_config"] = quantization
+        return options
 
     @staticmethod
     def _auto_class(config: Any) -> Any:

@@ -18,10 +18,15 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 @dataclass(frozen=True)
 class Layout:
-    """A model's blocks in forward order (each block: the module names it spans) and its head modules."""
+    """A model's blocks in forward order (each block: the module names it spans) and its head modules.
+
+    ``new_head`` is false when the head is pretrained (a causal LM's ``lm_head``) rather than created for
+    the task, so adapter strategies leave it frozen.
+    """
 
     blocks: tuple[tuple[str, ...], ...]
     head: tuple[str, ...]
+    new_head: bool = True
 
     def block_index(self, name: str) -> int | None:
         """Index of the block holding parameter or module ``name``, or None outside every block."""
@@ -104,9 +109,9 @@ def timm_blocks(model: nn.Module, exclude: tuple[str, ...] = ()) -> tuple[tuple[
     return tuple(blocks)
 
 
-def discover_layout(model: nn.Module, head: tuple[str, ...]) -> Layout:
-    """The layout of a classifier whose head modules are named ``head``."""
+def discover_layout(model: nn.Module, head: tuple[str, ...], new_head: bool = True) -> Layout:
+    """The layout of a model whose head modules are named ``head``."""
     blocks = timm_blocks(model, exclude=head) if type(model).__module__.startswith("timm.") else ()
     if not blocks:
         blocks = tuple((name,) for name in structural_blocks(model, exclude=head))
-    return Layout(blocks=blocks, head=head)
+    return Layout(blocks=blocks, head=head, new_head=new_head)

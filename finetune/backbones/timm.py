@@ -49,7 +49,15 @@ class TimmLoader:
                 KEY, f"could not load timm weights for {source!r} ({first}); give `checkpoint:` a local file"
             ) from error
 
-    def load_classifier(self, source: str, backbone: Backbone, labels: list[str]) -> Classifier:
+    def load_classifier(
+        self, source: str, backbone: Backbone, labels: list[str], options: Mapping[str, Any]
+    ) -> Classifier:
+        if options:
+            raise RecipeError(
+                "model.strategy",
+                f"this strategy loads the backbone with {', '.join(sorted(options))}, which needs a Hugging "
+                "Face model; timm models load unquantised (use lora)",
+            )
         pretrained = backbone.pretrained or bool(backbone.checkpoint)
         model = self._create(source, backbone.checkpoint, pretrained=pretrained, num_classes=len(labels))
         head = model.get_classifier()
@@ -58,6 +66,9 @@ class TimmLoader:
 
     def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
         return model(batch["pixel_values"])
+
+    def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
+        raise RecipeError(KEY, f"timm model {source!r} is not a language model; give an hf: causal LM")
 
     def tokenizer(self, source: str, backbone: Backbone) -> Any:
         if not Path(source).is_dir():

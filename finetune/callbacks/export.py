@@ -15,7 +15,8 @@ class ExportModel(pl.Callback):
     """At the end of ``fit``, loads the best checkpoint's weights (when a monitored checkpoint exists) and
     calls ``pl_module.export(<run>/export)``, which writes a model that loads without ``finetune``.
 
-    Contract: the module implements ``export(directory: Path) -> Path`` (every ``finetune`` task does).
+    Contract: the module implements ``load_weights(state_dict)`` and ``export(directory: Path) -> Path``
+    (every ``finetune`` task does; adapter runs export the adapters alone, see ``python -m finetune export``).
     """
 
     def __init__(self, dirname: str = "export", use_best: bool = True) -> None:
@@ -26,7 +27,7 @@ class ExportModel(pl.Callback):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if self.use_best and best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            pl_module.load_state_dict(state)
+            pl_module.load_weights(state)
             log.info("Loaded the best checkpoint %s for export", best)
         if trainer.is_global_zero:
             directory = pl_module.export(Path(trainer.log_dir or trainer.default_root_dir) / self.dirname)

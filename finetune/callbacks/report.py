@@ -9,6 +9,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch import nn
 
+from finetune.adapters import adapter_summary, adapter_targets, has_adapters
+
 log = logging.getLogger(__name__)
 
 
@@ -54,14 +56,25 @@ def parameter_table(module: nn.Module, optimizers: list | None = None, depth: in
     return _table(["module", "trainable", "total", "share", "lr"], rows)
 
 
+def adapter_line(module: nn.Module) -> str:
+    """``adapters on N modules: ...`` when ``module`` holds peft adapters, else empty."""
+    if not any(has_adapters(m) for m in module.modules()):
+        return ""
+    targets = adapter_targets(module)
+    return f"adapters on {len(targets)} modules: {adapter_summary(targets)}"
+
+
 class ParameterReport(pl.Callback):
-    """At the start of ``fit``, logs the trainable-parameter table and writes it to ``<run>/parameters.txt``."""
+    """At the start of ``fit``, logs the trainable-parameter table (and the modules carrying adapters) and
+    writes it to ``<run>/parameters.txt``."""
 
     def __init__(self, depth: int = 3) -> None:
         self.depth = depth
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         table = parameter_table(pl_module, trainer.optimizers, self.depth)
+        adapters = adapter_line(pl_module)
+        table = f"{table}\n{adapters}" if adapters else table
         if trainer.is_global_zero:
             log.info("What trains, at what learning rate:\n%s", table)
             _write(trainer, "parameters.txt", table)

@@ -1,4 +1,5 @@
-"""Data modules for classification: text (tables or Hugging Face datasets) and images (folders or tables).
+"""Data modules: classification of text (tables or Hugging Face datasets) and images (folders or tables),
+and instruction conversations for causal LMs.
 
 Attributes are imported on first access, so ``import finetune.data`` stays cheap (no torch, lightning,
 pandas) and ``python -m finetune --help`` stays fast.
@@ -12,17 +13,25 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from finetune.data.base import ClassificationData
     from finetune.data.image import ImageClassificationData
+    from finetune.data.instructions import InstructionData
     from finetune.data.tables import read_table
     from finetune.data.text import TextClassificationData
 
 _HOMES = {
     "ClassificationData": "finetune.data.base",
     "ImageClassificationData": "finetune.data.image",
+    "InstructionData": "finetune.data.instructions",
     "TextClassificationData": "finetune.data.text",
     "read_table": "finetune.data.tables",
 }
 
-__all__ = ["ClassificationData", "ImageClassificationData", "TextClassificationData", "read_table"]
+__all__ = [
+    "ClassificationData",
+    "ImageClassificationData",
+    "InstructionData",
+    "TextClassificationData",
+    "read_table",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,17 +2,32 @@
 
 Pick one in a recipe by name (``strategy: freeze``) or with arguments
 (``strategy: {class_path: finetune.strategies.Partial, init_args: {last_blocks: 2}}``).
+``lora``/``qlora`` add peft adapters; ``adapter_parameter_names(model)`` lists the adapters' parameters.
 """
 
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
+from finetune.adapters import adapter_parameter_names
 from finetune.strategies.base import STRATEGIES, Strategy
+from finetune.strategies.lora import LoRA
 from finetune.strategies.partial import Partial
+from finetune.strategies.qlora import QLoRA
 from finetune.strategies.simple import Freeze, Full
 
-__all__ = ["STRATEGIES", "Freeze", "Full", "Partial", "Strategy", "describe_strategy", "resolve_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "Freeze",
+    "Full",
+    "LoRA",
+    "Partial",
+    "QLoRA",
+    "Strategy",
+    "adapter_parameter_names",
+    "describe_strategy",
+    "resolve_strategy",
+]
 
 
 def resolve_strategy(value: str | Strategy | Mapping[str, Any]) -> Strategy:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -17,6 +17,10 @@ BatchNormPolicy = Literal["eval", "train"]
 class Strategy:
     """Base class: ``apply(model, layout)`` sets ``requires_grad`` on every parameter of ``model``.
 
+    A strategy that changes how the backbone is read (quantisation) returns loader keyword arguments from
+    ``load_options``. One whose frozen weights are the pretrained ones unchanged sets
+    ``trainable_only_checkpoints`` so checkpoints keep only what trains.
+
     Args:
         batchnorm: what frozen BatchNorm layers do in training. ``eval`` (default) keeps them in eval
             mode so their running statistics stay those of pretraining; ``train`` lets them keep
@@ -25,8 +29,14 @@ class Strategy:
 
     batchnorm: BatchNormPolicy = "eval"
 
+    trainable_only_checkpoints: ClassVar[bool] = False
+
     def apply(self, model: nn.Module, layout: Layout) -> None:
         raise NotImplementedError
+
+    def load_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for the backbone loader (e.g. a quantisation config); none by default."""
+        return {}
 
     def set_batchnorm_mode(self, model: nn.Module) -> None:
         """Put frozen BatchNorm layers in eval mode under the ``eval`` policy; call after ``model.train()``."""

@@ -2,5 +2,6 @@
 
 from finetune.tasks.base import FinetuneTask
 from finetune.tasks.classification import ClassificationTask
+from finetune.tasks.sft import SFTTask
 
-__all__ = ["ClassificationTask", "FinetuneTask"]
+__all__ = ["ClassificationTask", "FinetuneTask", "SFTTask"]

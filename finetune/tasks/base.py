@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 
 from finetune.backbones import Backbone
 from finetune.backbones.layout import Layout
+from finetune.errors import RecipeError
 from finetune.strategies import Strategy, describe_strategy, resolve_strategy
 
 
@@ -21,7 +23,9 @@ class FinetuneTask(pl.LightningModule):
 
     ``configure_model`` calls ``build_model`` once, then applies the strategy. Only trainable parameters
     reach the optimizer. Frozen BatchNorm layers follow the strategy's ``batchnorm`` policy in training.
-    Subclasses declare the metric checkpoints follow in ``monitor`` / ``monitor_mode``.
+    Subclasses declare the metric checkpoints follow in ``monitor`` / ``monitor_mode``. Under a strategy
+    with ``trainable_only_checkpoints`` (adapters), checkpoints hold only the trained weights and buffers,
+    and loading one checks that every trained weight is there.
     """
 
     monitor = "val/loss"
@@ -42,13 +46,19 @@ class FinetuneTask(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.model: nn.Module | None = None
         self.layout: Layout | None = None
+        # Trainable-only checkpoints lack the frozen base; `load_weights` checks what must be there.
+        self.strict_loading = not self.strategy.trainable_only_checkpoints
 
     def base_hparams(self) -> dict[str, Any]:
         """Plain-data hyperparameters, so checkpoints load with ``weights_only=True`` and rebuild the task."""
         return {"backbone": asdict(self.backbone), "strategy": describe_strategy(self.strategy)}
 
     def build_model(self) -> tuple[nn.Module, Layout]:
-        """Load the backbone with its task head; return the model and its layout."""
+        """Load the backbone with its task head (``load_backbone``); return the model and its layout."""
+        raise NotImplementedError
+
+    def load_backbone(self, options: Mapping[str, Any]) -> nn.Module:
+        """The backbone with its task head, read with loader ``options`` (see ``Strategy.load_options``)."""
         raise NotImplementedError
 
     def configure_model(self) -> None:
@@ -60,9 +70,40 @@ class FinetuneTask(pl.LightningModule):
         # without this, dropout would stay off for the whole of training.
         self.train(self.training)
 
-    def export(self, directory: Path) -> Path:
-        """Write the model so that it loads without ``finetune``."""
+    def export(self, directory: Path, merge: bool = False) -> Path:
+        """Write the model so that it loads without ``finetune``; adapters alone unless ``merge``."""
         raise NotImplementedError
+
+    def checkpointed_names(self) -> set[str]:
+        """State-dict keys a checkpoint keeps: all, or only trainable parameters and buffers."""
+        names = set(self.state_dict())
+        if not self.strategy.trainable_only_checkpoints:
+            return names
+        kept = {n for n, p in self.named_parameters() if p.requires_grad} | {
+            n for n, _ in self.named_buffers()
+        }
+        return names & kept
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        kept = self.checkpointed_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_complete(checkpoint["state_dict"])
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a checkpoint's ``state_dict`` (complete, or trainable-only under an adapter strategy)."""
+        self._check_complete(state_dict)
+        self.load_state_dict(state_dict, strict=self.strict_loading)
+
+    def _check_complete(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        missing = sorted(self.checkpointed_names() - set(state_dict))
+        if missing:
+            raise RecipeError(
+                "ckpt_path",
+                f"the checkpoint lacks {len(missing)} trained weights (first: {missing[0]}); "
+                "it was written for another model or strategy",
+            )
 
     def train(self, mode: bool = True) -> FinetuneTask:
         super().train(mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class ClassificationTask(FinetuneTask):
 
     def build_model(self) -> tuple[nn.Module, Layout]:
         labels = self._resolve_labels()
-        classifier = self.backbone.load_classifier(labels)
+        classifier = self.backbone.load_classifier(labels, self.strategy.load_options())
         self.labels = labels
         self.hparams["labels"] = labels
         metrics = MetricCollection(
@@ -73,6 +74,9 @@ class ClassificationTask(FinetuneTask):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         return classifier.model, discover_layout(classifier.model, classifier.head)
+
+    def load_backbone(self, options: Mapping[str, Any]) -> nn.Module:
+        return self.backbone.load_classifier(self.labels or self._resolve_labels(), options).model
 
     def _resolve_labels(self) -> list[str]:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -118,6 +122,9 @@ class ClassificationTask(FinetuneTask):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"index": batch["index"], "probabilities": self(batch).softmax(-1)}
 
-    def export(self, directory: Path) -> Path:
-        """Write the model in its native format (HF folder or timm config + safetensors) with ``labels.json``."""
-        return export_classifier(self, directory)
+    def export(self, directory: Path, merge: bool = False) -> Path:
+        """Write the model in its native format (HF folder or timm config + safetensors) with ``labels.json``.
+
+        Under an adapter strategy the adapters alone are written, in peft's format, unless ``merge``.
+        """
+        return export_classifier(self, directory, merge)

@@ -132,7 +132,9 @@ def test_registry_names_and_errors():
     assert isinstance(resolve_strategy("freeze"), Freeze)
     assert resolve_strategy({"name": "partial", "last_blocks": 3}) == Partial(last_blocks=3)
     assert isinstance(resolve_strategy(Full()), Full)
-    with pytest.raises(RecipeError, match="model.strategy: unknown strategy 'lora2'.*freeze, full, partial"):
+    with pytest.raises(
+        RecipeError, match="model.strategy: unknown strategy 'lora2'.*freeze, full, lora, partial, qlora"
+    ):
         resolve_strategy("lora2")
     with pytest.raises(KeyError, match="already registered"):
         STRATEGIES.register("full")(Full)

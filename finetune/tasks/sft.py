@@ -1,0 +1,123 @@
+"""Supervised fine-tuning (instruction tuning) of a decoder-only Hugging Face language model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+
+from finetune.backbones import Backbone
+from finetune.backbones.layout import Layout, discover_layout
+from finetune.export import export_causal_lm
+from finetune.strategies import Strategy
+from finetune.tasks.base import FinetuneTask
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
+class SFTTask(FinetuneTask):
+    """Next-token loss on response tokens (the data sets every other label to -100).
+
+    Logs ``train/loss``, ``val/loss`` (mean per response token) and ``val/perplexity``. After each
+    validation epoch it greedily completes the first ``samples`` validation prompts of the datamodule
+    (contract: ``datamodule.sample_prompts(n)`` and ``datamodule.tokenizer``, as ``InstructionData``
+    provides) and appends them to ``<run>/samples.jsonl``.
+
+    Args:
+        backbone: a Hugging Face causal LM: ``hf:ID``, a local folder, or a full backbone spec.
+        strategy: what trains: ``lora`` (default), ``qlora``, ``full`` ... or a strategy object.
+        optimizer: builds the optimizer from the trainable parameters (default AdamW, lr 1e-4).
+        lr_scheduler: builds an LR scheduler from the optimizer (default: none).
+        samples: how many validation prompts to complete after each validation epoch (0: none).
+        max_new_tokens: length limit of those completions.
+    """
+
+    monitor = "val/loss"
+    monitor_mode = "min"
+
+    def __init__(
+        self,
+        backbone: str | Backbone,
+        strategy: str | Strategy = "lora",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        samples: int = 3,
+        max_new_tokens: int = 32,
+    ) -> None:
+        super().__init__(backbone, strategy, optimizer, lr_scheduler)
+        self.samples = samples
+        self.max_new_tokens = max_new_tokens
+        self.val_nll = MeanMetric()
+        self.save_hyperparameters(
+            self.base_hparams() | {"samples": samples, "max_new_tokens": max_new_tokens}
+        )
+
+    def build_model(self) -> tuple[nn.Module, Layout]:
+        model = self.load_backbone(self.strategy.load_options())
+        output = model.get_output_embeddings()
+        head = tuple(name for name, module in model.named_modules() if module is output)
+        return model, discover_layout(model, head, new_head=False)
+
+    def load_backbone(self, options: Mapping[str, Any]) -> nn.Module:
+        return self.backbone.load_causal_lm(options)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> Any:
+        """The model's output (``loss`` when the batch has ``labels``, and ``logits``)."""
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+        return self.model(**inputs, use_cache=False)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Weight by response tokens, so val/loss is the mean over tokens and exp() of it the perplexity.
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        self.val_nll.update(self(batch).loss, weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log("val/loss", nll, prog_bar=True)
+        self.log("val/perplexity", nll.exp(), prog_bar=True)
+        if self.samples and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self._write_samples()
+
+    @torch.no_grad()
+    def _write_samples(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "sample_prompts"):
+            return
+        tokenizer = datamodule.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as out:
+            for sample in datamodule.sample_prompts(self.samples):
+                ids = torch.tensor([sample["prompt_ids"]], device=self.device)
+                generated = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+                text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+                row = {"epoch": self.current_epoch, "step": self.global_step, "prompt": sample["prompt"]}
+                row |= {"reference": sample["reference"], "generation": text}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        log.info("Wrote sample generations to %s", path)
+
+    def export(self, directory: Path, merge: bool = False) -> Path:
+        """A Hugging Face folder (safetensors) with the tokenizer; adapters alone unless ``merge``."""
+        return export_causal_lm(self, directory, merge)
