@@ -15,15 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.cli import (
-    LightningArgumentParser,
-    LightningCLI,
-    LRSchedulerCallable,
-    OptimizerCallable,
-)
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter, RestoreRNG
 from finetune.errors import RecipeError
+from finetune.optim import OptimizerConfig, ScheduleConfig
 
 
 class FinetuneCLI(LightningCLI):
@@ -35,13 +31,10 @@ class FinetuneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
-            "--optimizer",
-            type=OptimizerCallable | None,
-            default=None,
-            help="Optimizer (default AdamW, lr 1e-4).",
+            "--optimizer", type=OptimizerConfig, default=OptimizerConfig(), help="Optimizer and LR groups."
         )
         parser.add_argument(
-            "--lr_scheduler", type=LRSchedulerCallable | None, default=None, help="LR scheduler."
+            "--lr_scheduler", type=ScheduleConfig, default=ScheduleConfig(), help="LR schedule per step."
         )
         parser.link_arguments("optimizer", "model.init_args.optimizer")
         parser.link_arguments("lr_scheduler", "model.init_args.lr_scheduler")
@@ -49,6 +42,9 @@ class FinetuneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        # Validate the typed sections now: jsonargparse would bury their RecipeError in a Union report.
+        OptimizerConfig(**config.optimizer.as_dict())
+        ScheduleConfig(**config.lr_scheduler.as_dict())
         trainer = config.trainer
         if trainer.logger is None or trainer.logger is True:
             trainer.logger = Namespace(
