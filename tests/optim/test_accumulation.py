@@ -67,6 +67,7 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32():
     assert_close(small, big)
 
 
+@pytest.mark.slow
 def test_token_level_loss_matches_one_big_batch_on_variable_lengths():
     data = sequences(32)
     big = step_grads(CausalLM(), DataLoader(data, batch_size=32, collate_fn=pad), accumulate=1)
