@@ -131,8 +131,9 @@ def _valid_keys(class_path: str | None) -> str:
     return f" for {class_path} (valid: {', '.join(names)})"
 
 
-def run_cli(argv: list[str]) -> FinetuneCLI:
-    """Run the Lightning CLI on ``argv``; turn argument and recipe errors into ``RecipeError``."""
+def run_cli(argv: list[str], run: bool = True) -> FinetuneCLI:
+    """Run the Lightning CLI on ``argv`` (with ``run=False``: only build trainer, model and data, from
+    ``argv`` without a subcommand); turn argument and recipe errors into ``RecipeError``."""
     from finetune.data import ImageClassificationData, TextClassificationData  # noqa: F401
     from finetune.tasks import ClassificationTask  # noqa: F401  (registers subclasses for short class names)
 
@@ -160,6 +161,7 @@ def run_cli(argv: list[str]) -> FinetuneCLI:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
             run_name=run_name,
+            run=run,
             args=argv,
         )
     except ArgumentError as error:  # jsonargparse's report of a bad key or value
