@@ -196,6 +196,8 @@ def main(argv: list[str]) -> int:
         raise RecipeError("plan", f"give a recipe: {USAGE}")
     if not Path(argv[0]).is_file():
         raise RecipeError("--config", f"recipe file {argv[0]} does not exist")
+    from lightning.pytorch.cli import SaveConfigCallback
+
     from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter
     from finetune.lightning_cli import run_cli
 
@@ -208,7 +210,8 @@ def main(argv: list[str]) -> int:
     ]
     cli = run_cli(["--config", argv[0], *argv[1:], *overrides], run=False)
     probe = _PlanProbe()
-    reporting = (ExportModel, MetricsReport, ParameterReport, PredictionWriter)
+    # Nothing is written: no run folder, config copy, checkpoint or export.
+    reporting = (ExportModel, MetricsReport, ParameterReport, PredictionWriter, SaveConfigCallback)
     cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, reporting)] + [probe]
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
