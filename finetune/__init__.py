@@ -30,6 +30,12 @@ _EXPORTS = {
     "ParameterReport": "finetune.callbacks",
     "PredictionWriter": "finetune.callbacks",
     "RestoreRNG": "finetune.callbacks",
+    "GradualUnfreezing": "finetune.callbacks",
+    "ScheduledAccumulation": "finetune.callbacks",
+    "OptimizerConfig": "finetune.optim",
+    "ParamGroup": "finetune.optim",
+    "ScheduleConfig": "finetune.optim",
+    "TokenNormalizedLoss": "finetune.optim.token_loss",
 }
 
 __all__ = sorted(_EXPORTS)

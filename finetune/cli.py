@@ -15,7 +15,7 @@ from finetune.errors import RecipeError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands of our own: name -> "module:function"; the function takes the remaining argv, returns an exit code.
-COMMANDS: dict[str, str] = {"export": "finetune.export_run:main"}
+COMMANDS: dict[str, str] = {"export": "finetune.export_run:main", "plan": "finetune.plan:main"}
 
 HELP = """\
 usage: python -m finetune RECIPE.yaml [--section.key=value ...]
@@ -32,6 +32,7 @@ commands:
   test           evaluate on the test split
   predict        write predictions.csv into the run folder
   export         write a run's model again: adapters alone (peft format), or --merge for a plain model
+  plan           build model and optimizer from a recipe, print the run plan (LRs, schedule, memory)
 
 `python -m finetune fit --help` lists every recipe key with its type and default.
 Runs are written to runs/<recipe name>/version_N (resolved recipe, metrics, checkpoints, export).

@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace, set_parsing_settings
-from lightning.pytorch.cli import (
-    LightningArgumentParser,
-    LightningCLI,
-    LRSchedulerCallable,
-    OptimizerCallable,
-)
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter, RestoreRNG
 from finetune.errors import RecipeError
+from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.strategies import Strategy
 
 
@@ -35,13 +31,10 @@ class FinetuneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
-            "--optimizer",
-            type=OptimizerCallable | None,
-            default=None,
-            help="Optimizer (default AdamW, lr 1e-4).",
+            "--optimizer", type=OptimizerConfig, default=OptimizerConfig(), help="Optimizer and LR groups."
         )
         parser.add_argument(
-            "--lr_scheduler", type=LRSchedulerCallable | None, default=None, help="LR scheduler."
+            "--lr_scheduler", type=ScheduleConfig, default=ScheduleConfig(), help="LR schedule per step."
         )
         parser.link_arguments("optimizer", "model.init_args.optimizer")
         parser.link_arguments("lr_scheduler", "model.init_args.lr_scheduler")
@@ -56,6 +49,9 @@ class FinetuneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        # Validate the typed sections now: jsonargparse would bury their RecipeError in a Union report.
+        OptimizerConfig(**config.optimizer.as_dict())
+        ScheduleConfig(**config.lr_scheduler.as_dict())
         trainer = config.trainer
         if trainer.logger is None or trainer.logger is True:
             trainer.logger = Namespace(
@@ -150,8 +146,9 @@ def _valid_keys(class_path: str | None) -> str:
     return f" for {class_path} (valid: {', '.join(names)})"
 
 
-def run_cli(argv: list[str]) -> FinetuneCLI:
-    """Run the Lightning CLI on ``argv``; turn argument and recipe errors into ``RecipeError``."""
+def run_cli(argv: list[str], run: bool = True) -> FinetuneCLI:
+    """Run the Lightning CLI on ``argv`` (with ``run=False``: only build trainer, model and data, from
+    ``argv`` without a subcommand); turn argument and recipe errors into ``RecipeError``."""
     from finetune.data import ImageClassificationData, InstructionData, TextClassificationData  # noqa: F401
     from finetune.tasks import ClassificationTask, SFTTask  # noqa: F401  (registers subclasses for short class names)
 
@@ -183,6 +180,7 @@ def run_cli(argv: list[str]) -> FinetuneCLI:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
             run_name=run_name,
+            run=run,
             args=argv,
         )
     except ArgumentError as error:  # jsonargparse's report of a bad key or value

@@ -23,7 +23,7 @@ def text_recipe(bert_dir: Path, csv: Path, root: Path, **data: Any) -> dict[str,
             "class_path": "finetune.ClassificationTask",
             "init_args": {"backbone": str(bert_dir), "strategy": "full"},
         },
-        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+        "optimizer": {"name": "adamw", "lr": 0.003},
         "data": {
             "class_path": "finetune.data.TextClassificationData",
             "init_args": {

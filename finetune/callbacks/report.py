@@ -10,15 +10,9 @@ import lightning.pytorch as pl
 from torch import nn
 
 from finetune.adapters import adapter_summary, adapter_targets, has_adapters
+from finetune.callbacks.table import table
 
 log = logging.getLogger(__name__)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*header), line, *(fmt.format(*map(str, r)) for r in rows)])
 
 
 def _module_of(name: str, depth: int) -> str:
@@ -53,7 +47,7 @@ def parameter_table(module: nn.Module, optimizers: list | None = None, depth: in
     trainable = sum(entry[0] for entry in totals.values())
     total = sum(entry[1] for entry in totals.values())
     rows.append(["total", f"{trainable:,}", f"{total:,}", f"{100 * trainable / max(total, 1):.1f}%", ""])
-    return _table(["module", "trainable", "total", "share", "lr"], rows)
+    return table(["module", "trainable", "total", "share", "lr"], rows)
 
 
 def adapter_line(module: nn.Module) -> str:
@@ -65,19 +59,25 @@ def adapter_line(module: nn.Module) -> str:
 
 
 class ParameterReport(pl.Callback):
-    """At the start of ``fit``, logs the trainable-parameter table (and the modules carrying adapters) and
-    writes it to ``<run>/parameters.txt``."""
+    """At the start of ``fit``, logs the run plan (``finetune.plan.run_plan``: parameter groups, blocks,
+    schedule, memory estimate) and writes it to ``<run>/plan.txt``; the per-module table (and the modules
+    carrying adapters) goes to ``<run>/parameters.txt``."""
 
     def __init__(self, depth: int = 3) -> None:
         self.depth = depth
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        table = parameter_table(pl_module, trainer.optimizers, self.depth)
+        from finetune.plan import run_plan
+
+        if not trainer.is_global_zero:
+            return
+        plan = run_plan(trainer, pl_module)
         adapters = adapter_line(pl_module)
-        table = f"{table}\n{adapters}" if adapters else table
-        if trainer.is_global_zero:
-            log.info("What trains, at what learning rate:\n%s", table)
-            _write(trainer, "parameters.txt", table)
+        plan = f"{plan}\n{adapters}" if adapters else plan
+        log.info("Run plan (per device):\n\n%s", plan)
+        _write(trainer, "plan.txt", plan)
+        table = parameter_table(pl_module, trainer.optimizers, self.depth)
+        _write(trainer, "parameters.txt", f"{table}\n{adapters}" if adapters else table)
 
 
 class MetricsReport(pl.Callback):
@@ -87,9 +87,9 @@ class MetricsReport(pl.Callback):
         metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
         if not metrics or not trainer.is_global_zero:
             return
-        table = _table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()])
-        log.info("Final metrics (%s):\n%s", stage, table)
-        _write(trainer, f"metrics_{stage}.txt", table)
+        text = table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()])
+        log.info("Final metrics (%s):\n%s", stage, text)
+        _write(trainer, f"metrics_{stage}.txt", text)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, "fit")

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from finetune.backbones import Backbone
 from finetune.backbones.layout import Layout
 from finetune.errors import RecipeError
+from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.strategies import Strategy, describe_strategy, resolve_strategy
 
 
@@ -22,7 +21,9 @@ class FinetuneTask(pl.LightningModule):
     """Base LightningModule: subclasses build ``self.model`` (and ``self.layout``) in ``build_model``.
 
     ``configure_model`` calls ``build_model`` once, then applies the strategy. Only trainable parameters
-    reach the optimizer. Frozen BatchNorm layers follow the strategy's ``batchnorm`` policy in training.
+    reach the optimizer, in the groups ``optimizer`` describes (``finetune.optim.param_groups``); the LR
+    follows ``lr_scheduler`` per optimizer step. Frozen BatchNorm layers follow the strategy's
+    ``batchnorm`` policy in training.
     Subclasses declare the metric checkpoints follow in ``monitor`` / ``monitor_mode``. Under a strategy
     with ``trainable_only_checkpoints`` (adapters), checkpoints hold only the trained weights and buffers,
     and loading one checks that every trained weight is there.
@@ -35,15 +36,15 @@ class FinetuneTask(pl.LightningModule):
         self,
         backbone: str | Backbone,
         strategy: str | Strategy = "full",
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        optimizer: OptimizerConfig | None = None,
+        lr_scheduler: ScheduleConfig | None = None,
     ) -> None:
         super().__init__()
         self.backbone = Backbone.of(backbone)
         self.loader, _ = self.backbone.resolve()
         self.strategy = resolve_strategy(strategy)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        self.optimizer_config = _config(OptimizerConfig, optimizer)
+        self.schedule_config = _config(ScheduleConfig, lr_scheduler)
         self.model: nn.Module | None = None
         self.layout: Layout | None = None
         # Trainable-only checkpoints lack the frozen base; `load_weights` checks what must be there.
@@ -51,7 +52,12 @@ class FinetuneTask(pl.LightningModule):
 
     def base_hparams(self) -> dict[str, Any]:
         """Plain-data hyperparameters, so checkpoints load with ``weights_only=True`` and rebuild the task."""
-        return {"backbone": asdict(self.backbone), "strategy": describe_strategy(self.strategy)}
+        return {
+            "backbone": asdict(self.backbone),
+            "strategy": describe_strategy(self.strategy),
+            "optimizer": asdict(self.optimizer_config),
+            "lr_scheduler": asdict(self.schedule_config),
+        }
 
     def build_model(self) -> tuple[nn.Module, Layout]:
         """Load the backbone with its task head (``load_backbone``); return the model and its layout."""
@@ -112,12 +118,19 @@ class FinetuneTask(pl.LightningModule):
         return self
 
     def configure_optimizers(self) -> Any:
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(parameters, lr=1e-4)
-        else:
-            optimizer = self.optimizer_factory(parameters)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
+        from finetune.optim.optimizers import build_optimizer
+        from finetune.optim.param_groups import param_groups
+        from finetune.optim.schedules import build_schedule, total_steps
+
+        groups = param_groups(self.model, self.layout, self.optimizer_config)
+        optimizer = build_optimizer(groups, self.optimizer_config)
+        steps = total_steps(self.trainer)
+        schedules = build_schedule(optimizer, self.schedule_config, steps, self.monitor, self.monitor_mode)
+        return [optimizer], schedules
+
+
+def _config(kind: type, value: Any) -> Any:
+    """``kind`` from an instance, a mapping (checkpoint hyperparameters) or None (the defaults)."""
+    if value is None:
+        return kind()
+    return value if isinstance(value, kind) else kind(**value)

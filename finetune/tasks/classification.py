@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -17,6 +16,7 @@ from finetune.backbones import Backbone
 from finetune.backbones.layout import Layout, discover_layout
 from finetune.errors import RecipeError
 from finetune.export import export_classifier
+from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.strategies import Strategy
 from finetune.tasks.base import FinetuneTask
 
@@ -35,8 +35,8 @@ class ClassificationTask(FinetuneTask):
         strategy: what trains: ``full``, ``freeze``, ``partial`` (by name, default arguments) or a
             strategy object (``class_path``/``init_args`` in a recipe).
         labels: class names in index order; default: the datamodule's labels.
-        optimizer: builds the optimizer from the trainable parameters (default AdamW, lr 1e-4).
-        lr_scheduler: builds an LR scheduler from the optimizer, stepped once per epoch (default: none).
+        optimizer: optimizer and parameter groups (``OptimizerConfig``; default AdamW, lr 1e-4).
+        lr_scheduler: the LR schedule per optimizer step (``ScheduleConfig``; default constant).
         label_smoothing: cross-entropy label smoothing.
     """
 
@@ -48,8 +48,8 @@ class ClassificationTask(FinetuneTask):
         backbone: str | Backbone,
         strategy: str | Strategy = "full",
         labels: list[str] | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        optimizer: OptimizerConfig | None = None,
+        lr_scheduler: ScheduleConfig | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(backbone, strategy, optimizer, lr_scheduler)

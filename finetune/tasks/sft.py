@@ -9,23 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
 from finetune.backbones import Backbone
 from finetune.backbones.layout import Layout, discover_layout
 from finetune.export import export_causal_lm
+from finetune.optim import OptimizerConfig, ScheduleConfig, TokenNormalizedLoss
 from finetune.strategies import Strategy
 from finetune.tasks.base import FinetuneTask
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
-class SFTTask(FinetuneTask):
+class SFTTask(TokenNormalizedLoss, FinetuneTask):
     """Next-token loss on response tokens (the data sets every other label to -100).
+
+    Under gradient accumulation the training loss is the mean over all response tokens of the optimizer
+    step, not a mean of per-micro-batch means (``TokenNormalizedLoss``).
 
     Logs ``train/loss``, ``val/loss`` (mean per response token) and ``val/perplexity``. After each
     validation epoch it greedily completes the first ``samples`` validation prompts of the datamodule
@@ -35,8 +39,8 @@ class SFTTask(FinetuneTask):
     Args:
         backbone: a Hugging Face causal LM: ``hf:ID``, a local folder, or a full backbone spec.
         strategy: what trains: ``lora`` (default), ``qlora``, ``full`` ... or a strategy object.
-        optimizer: builds the optimizer from the trainable parameters (default AdamW, lr 1e-4).
-        lr_scheduler: builds an LR scheduler from the optimizer (default: none).
+        optimizer: optimizer and parameter groups (``OptimizerConfig``; default AdamW, lr 1e-4).
+        lr_scheduler: the LR schedule per optimizer step (``ScheduleConfig``; default constant).
         samples: how many validation prompts to complete after each validation epoch (0: none).
         max_new_tokens: length limit of those completions.
     """
@@ -48,8 +52,8 @@ class SFTTask(FinetuneTask):
         self,
         backbone: str | Backbone,
         strategy: str | Strategy = "lora",
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        optimizer: OptimizerConfig | None = None,
+        lr_scheduler: ScheduleConfig | None = None,
         samples: int = 3,
         max_new_tokens: int = 32,
     ) -> None:
@@ -70,20 +74,28 @@ class SFTTask(FinetuneTask):
     def load_backbone(self, options: Mapping[str, Any]) -> nn.Module:
         return self.backbone.load_causal_lm(options)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> Any:
-        """The model's output (``loss`` when the batch has ``labels``, and ``logits``)."""
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token logits."""
         inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-        return self.model(**inputs, use_cache=False)
+        return self.model(**inputs, use_cache=False).logits
+
+    def token_losses(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of the next-token losses over the batch's target tokens, and how many there are."""
+        logits = self(batch)[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        return loss_sum, (targets != -100).sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
-        return loss
+        loss_sum, tokens = self.token_losses(batch)
+        mean = loss_sum.detach() / tokens.clamp(min=1)
+        self.log("train/loss", mean, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return self.token_loss(loss_sum, tokens)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Weight by response tokens, so val/loss is the mean over tokens and exp() of it the perplexity.
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        self.val_nll.update(self(batch).loss, weight=tokens)
+        loss_sum, tokens = self.token_losses(batch)
+        self.val_nll.update(loss_sum / tokens.clamp(min=1), weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
         nll = self.val_nll.compute()

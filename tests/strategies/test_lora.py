@@ -28,7 +28,7 @@ def step(task, batch) -> tuple[set[str], set[str]]:
     before = {n: p.detach().clone() for n, p in task.named_parameters()}
     optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.5)
     if isinstance(task, SFTTask):
-        loss = task(batch).loss
+        loss = task.token_losses(batch)[0]
     else:
         loss = torch.nn.functional.cross_entropy(task(batch), batch["labels"])
     loss.backward()
@@ -110,7 +110,7 @@ def test_qlora_training_after_validation_keeps_correct_gradients(tiny_llama_dir)
     def grads():
         task.train()
         task.zero_grad()
-        task(b).loss.backward()
+        task.token_losses(b)[0].backward()
         return {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
 
     first = grads()

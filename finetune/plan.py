@@ -1,0 +1,221 @@
+"""The run plan: what trains at what LR, the schedule, and the memory it needs — before the first step.
+
+``run_plan(trainer, module)`` renders it once the optimizer exists (``on_fit_start``); ``ParameterReport``
+logs it at the start of every run and saves ``<run>/plan.txt``; ``python -m finetune plan RECIPE.yaml``
+(``main``) builds the model and optimizer from a recipe, prints the plan and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from finetune.callbacks.table import table
+from finetune.errors import RecipeError
+from finetune.memory import activation_bytes, estimate_memory, human
+
+log = logging.getLogger(__name__)
+
+USAGE = "python -m finetune plan RECIPE.yaml [--section.key=value ...]"
+
+
+def run_plan(trainer: pl.Trainer, module: pl.LightningModule) -> str:
+    """The plan as text: parameter groups, blocks, accumulation and schedule, memory estimate."""
+    sections = [
+        ("Parameter groups", groups_table(trainer)),
+        ("Blocks (bottom to top)", blocks_table(trainer, module)),
+        ("Steps and schedule", schedule_lines(trainer)),
+        ("Training memory per device (estimate)", memory_table(trainer, module)),
+    ]
+    return "\n\n".join(f"{title}\n{body}" for title, body in sections if body)
+
+
+def groups_table(trainer: pl.Trainer) -> str:
+    rows = []
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            count = sum(p.numel() for p in group["params"])
+            rows.append(
+                [
+                    group.get("name", "-"),
+                    f"{count:,}",
+                    f"{group.get('initial_lr', group['lr']):.2e}",
+                    f"{group['lr']:.2e}",
+                    f"{group.get('weight_decay', 0):g}",
+                    group.get("block", "-"),
+                ]
+            )
+    return table(["group", "params", "lr", "lr now", "weight decay", "blocks"], rows)
+
+
+def blocks_table(trainer: pl.Trainer, module: pl.LightningModule) -> str:
+    """Trainable (in the optimizer) vs frozen parameters per block; when each block opens."""
+    from finetune.callbacks.unfreeze import GradualUnfreezing
+    from finetune.optim.param_groups import level_label, parameter_levels
+
+    layout, model = getattr(module, "layout", None), getattr(module, "model", None)
+    if layout is None or model is None:
+        return ""
+    in_optimizer = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+    levels = parameter_levels(model, layout)
+    counts: dict[int, list[int]] = {}
+    for name, parameter in model.named_parameters():
+        entry = counts.setdefault(levels[name], [0, 0])
+        entry[0 if id(parameter) in in_optimizer else 1] += parameter.numel()
+    unfreezing = next((c for c in trainer.callbacks if isinstance(c, GradualUnfreezing)), None)
+    opens = _opening(unfreezing, trainer) if unfreezing is not None else {}
+    rows = [
+        [
+            level_label(layout, level),
+            f"{trainable:,}",
+            f"{frozen:,}",
+            opens.get(level_label(layout, level), "start"),
+        ]
+        for level, (trainable, frozen) in sorted(counts.items())
+    ]
+    trainable, frozen = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    rows.append(["total", f"{trainable:,}", f"{frozen:,}", ""])
+    return table(["block", "trainable", "frozen", "trains from"], rows)
+
+
+def _opening(unfreezing: Any, trainer: pl.Trainer) -> dict[str, str]:
+    """Block -> the epoch/step it opens at, from the callback's milestones."""
+    groups = [g for o in trainer.optimizers for g in o.param_groups if "level" in g]
+    if not groups:
+        return {}
+    top = max(g["level"] for g in groups)
+    order = [
+        next(g["block"] for g in groups if g["level"] == lv)
+        for lv in sorted({g["level"] for g in groups if g["level"] < top}, reverse=True)
+    ]
+    opens = {}
+    for i, block in enumerate(order):
+        milestone = i // unfreezing.blocks_per_milestone
+        if unfreezing.every is not None:
+            at = unfreezing.every * (milestone + 1)
+        elif milestone < len(unfreezing.milestones):
+            at = unfreezing.milestones[milestone]
+        else:
+            opens[block] = "never"
+            continue
+        opens[block] = f"{unfreezing.interval} {at}"
+    return opens
+
+
+def schedule_lines(trainer: pl.Trainer) -> str:
+    from finetune.callbacks.accumulation import ScheduledAccumulation
+    from finetune.optim.schedules import GroupSchedule
+
+    scheduled = next((c for c in trainer.callbacks if isinstance(c, ScheduledAccumulation)), None)
+    if scheduled is not None:
+        accumulation = f"scheduled by {scheduled.interval}: {scheduled.schedule}"
+    else:
+        accumulation = f"{trainer.accumulate_grad_batches} micro-batches per optimizer step"
+    clip = trainer.gradient_clip_val
+    clipping = f"{clip} by {trainer.gradient_clip_algorithm or 'norm'}" if clip else "off"
+    lines = [
+        f"accumulation: {accumulation}",
+        f"gradient clipping: {clipping}",
+    ]
+    schedule = next(
+        (c.scheduler for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, GroupSchedule)), None
+    )
+    if schedule is not None and hasattr(schedule.shape, "total"):
+        shape = schedule.shape
+        points = sorted(
+            {
+                0,
+                shape.warmup,
+                shape.total // 4,
+                shape.total // 2,
+                3 * shape.total // 4,
+                max(shape.total - 1, 0),
+            }
+        )
+        at = ", ".join(f"{step}: {shape(step):.3f}" for step in points)
+        lines += [
+            f"optimizer steps: {shape.total} (warmup {shape.warmup})",
+            f"LR x each group's lr at step: {at}",
+        ]
+    return "\n".join(lines)
+
+
+def memory_table(trainer: pl.Trainer, module: pl.LightningModule) -> str:
+    from finetune.optim.optimizers import state_bytes
+
+    config = getattr(module, "optimizer_config", None)
+    per_element = state_bytes(config) if config is not None else 8.0
+    precision = str(trainer.precision)
+    # Everything in the optimizer will train at some point (gradual unfreezing may hold some back now).
+    in_optimizer = [p for o in trainer.optimizers for g in o.param_groups for p in g["params"]]
+    held_back = [p for p in in_optimizer if not p.requires_grad]
+    for parameter in held_back:
+        parameter.requires_grad_(True)
+    try:
+        activations = _probe_activations(trainer, module, precision)
+        estimate = estimate_memory(module, precision, per_element, activations)
+    finally:
+        for parameter in held_back:
+            parameter.requires_grad_(False)
+    rows = [[name, human(size)] for name, size in estimate.rows()]
+    return table([f"precision {precision}", "bytes"], rows)
+
+
+def _probe_activations(trainer: pl.Trainer, module: pl.LightningModule, precision: str) -> int | None:
+    """Activation bytes of one training micro-batch through ``module(batch)``; None if that cannot run."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        return None
+    try:
+        with torch.random.fork_rng(devices=[]):  # fetching a shuffled batch draws from the RNG
+            batch = next(iter(loader))
+        batch = trainer.strategy.batch_to_device(batch)
+        return activation_bytes(module, lambda: module(batch), precision, module.device)
+    except (TypeError, RuntimeError, ValueError, KeyError, StopIteration) as error:
+        log.debug("activation probe failed: %s", error)
+        return None
+
+
+class _PlanReady(Exception):
+    """Stops ``fit`` right after setup: the plan is known."""
+
+
+class _PlanProbe(pl.Callback):
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.text = run_plan(trainer, pl_module)
+        raise _PlanReady
+
+
+def main(argv: list[str]) -> int:
+    """``python -m finetune plan RECIPE.yaml``: build model and optimizer, log the plan, train nothing."""
+    if not argv or not argv[0].endswith((".yaml", ".yml")):
+        raise RecipeError("plan", f"give a recipe: {USAGE}")
+    if not Path(argv[0]).is_file():
+        raise RecipeError("--config", f"recipe file {argv[0]} does not exist")
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter
+    from finetune.lightning_cli import run_cli
+
+    overrides = [
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.num_sanity_val_steps=0",
+    ]
+    cli = run_cli(["--config", argv[0], *argv[1:], *overrides], run=False)
+    probe = _PlanProbe()
+    # Nothing is written: no run folder, config copy, checkpoint or export.
+    reporting = (ExportModel, MetricsReport, ParameterReport, PredictionWriter, SaveConfigCallback)
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, reporting)] + [probe]
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    except _PlanReady:
+        pass
+    log.info("Run plan for %s (per device)\n\n%s", argv[0], probe.text)
+    return 0

@@ -1,0 +1,86 @@
+"""The run plan: ``python -m finetune plan``, the table at the start of every run, the memory estimate."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from finetune.cli import main
+from finetune.memory import activation_bytes, estimate_memory
+from recipes import text_recipe, write
+
+
+def tiny_recipe(tiny_bert_dir, text_csv, tmp_path):
+    recipe = text_recipe(tiny_bert_dir, text_csv, tmp_path / "runs")
+    recipe["trainer"]["max_epochs"] = 1
+    recipe["data"]["init_args"]["batch_size"] = 8  # 40 train rows: 5 optimizer steps
+    recipe["trainer"]["callbacks"] = [
+        {"class_path": "finetune.callbacks.GradualUnfreezing", "init_args": {"every": 2, "interval": "step"}}
+    ]
+    recipe["optimizer"] = {"name": "adamw", "lr": 0.01, "layer_decay": 0.5}
+    recipe["lr_scheduler"] = {"name": "cosine", "warmup_steps": 1}
+    return recipe
+
+
+def test_plan_prints_groups_blocks_schedule_memory_and_trains_nothing(
+    tiny_bert_dir, text_csv, tmp_path, caplog
+):
+    path = write(tiny_recipe(tiny_bert_dir, text_csv, tmp_path), tmp_path / "tiny.yaml")
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert main(["plan", str(path)]) == 0
+    text = caplog.text
+    for expected in (
+        "Parameter groups",
+        "bert.encoder.layer.0 (no decay)",
+        "2.50e-03",  # layer.0 of 2 blocks: 0.01 * 0.5 ** 2
+        "trains from",
+        "step 2",
+        "optimizer steps: 5 (warmup 1)",
+        "optimizer state",
+        "activations (one micro-batch)",
+    ):
+        assert expected in text, expected
+    assert not (tmp_path / "runs").exists()  # no run folder, no checkpoint, no export
+
+
+def test_bad_names_exit_2_with_one_line(tiny_bert_dir, text_csv, tmp_path, capsys):
+    recipe = tiny_recipe(tiny_bert_dir, text_csv, tmp_path)
+    recipe["optimizer"]["name"] = "lion"
+    assert main([str(write(recipe, tmp_path / "bad.yaml"))]) == 2
+    recipe["optimizer"]["name"] = "adamw"
+    recipe["lr_scheduler"]["name"] = "cosin"
+    assert main(["plan", str(write(recipe, tmp_path / "bad2.yaml"))]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2].startswith(
+        "finetune: error: optimizer.name: unknown optimizer 'lion'; choose one of: adam,"
+    )
+    assert lines[-1].startswith("finetune: error: lr_scheduler.name: unknown LR schedule 'cosin'")
+    assert main(["plan"]) == 2
+
+
+@pytest.mark.slow
+def test_every_run_saves_the_plan(tiny_bert_dir, text_csv, tmp_path):
+    recipe = tiny_recipe(tiny_bert_dir, text_csv, tmp_path)
+    assert main([str(write(recipe, tmp_path / "tiny.yaml"))]) == 0
+    plan = (tmp_path / "runs" / "tiny" / "version_0" / "plan.txt").read_text()
+    assert "Parameter groups" in plan and "Training memory per device" in plan
+
+
+def test_memory_estimate_counts_and_leaves_no_trace():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.BatchNorm1d(20), torch.nn.Linear(20, 3))
+    model[2].requires_grad_(False)
+    x = torch.randn(8, 10)
+    before = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    activations = activation_bytes(model, lambda: model(x), "32-true", torch.device("cpu"))
+    assert activations >= 8 * 20 * 4  # at least one saved (8, 20) fp32 tensor
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+    estimate = estimate_memory(model, "32-true", 8.0, activations)
+    trainable = 10 * 20 + 20 + 2 * 20
+    assert estimate.weights == (trainable + 20 * 3 + 3) * 4
+    assert estimate.gradients == trainable * 4
+    assert estimate.optimizer_state == trainable * 8
+    assert estimate_memory(model, "bf16-true", 8.0, None).weights == estimate.weights // 2
