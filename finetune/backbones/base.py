@@ -41,7 +41,9 @@ class BackboneLoader(Protocol):
     def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
         """Class logits for a batch produced by this family's preprocessing."""
 
-    def features(self, model: Any, batch: Mapping[str, Any], names: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    def features(
+        self, model: Any, batch: Mapping[str, Any], names: tuple[str, ...]
+    ) -> tuple[Any, dict[str, Any]]:
         """Class logits and the named features of one forward pass (``FEATURES`` says which names exist)."""
 
     def feature_width(self, model: Any, name: str) -> int:

@@ -132,7 +132,9 @@ class HFLoader:
     def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
         return model(**batch).logits
 
-    def features(self, model: Any, batch: Mapping[str, Any], names: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    def features(
+        self, model: Any, batch: Mapping[str, Any], names: tuple[str, ...]
+    ) -> tuple[Any, dict[str, Any]]:
         output = model(**batch, output_hidden_states=bool(names))
         return output.logits, hidden_features(output.hidden_states, batch.get("attention_mask"), names)
 

@@ -67,7 +67,9 @@ class TimmLoader:
     def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
         return model(batch["pixel_values"])
 
-    def features(self, model: Any, batch: Mapping[str, Any], names: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    def features(
+        self, model: Any, batch: Mapping[str, Any], names: tuple[str, ...]
+    ) -> tuple[Any, dict[str, Any]]:
         for name in names:
             check_feature(name, self.family)
         if not names:

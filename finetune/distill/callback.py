@@ -192,7 +192,9 @@ class Distillation(pl.Callback):
             return
         key = f"{KEY}.cache_teacher"
         if causal_lm or self.features:
-            raise RecipeError(key, "caches classifier logits only; turn it off for causal LMs or feature matches")
+            raise RecipeError(
+                key, "caches classifier logits only; turn it off for causal LMs or feature matches"
+            )
         steps = augmenting_steps(getattr(trainer, "datamodule", None))
         if steps:
             raise RecipeError(
@@ -210,7 +212,9 @@ def _student_kind(pl_module: pl.LightningModule) -> bool:
         return True
     if isinstance(pl_module, ClassificationTask):
         return False
-    raise RecipeError(KEY, f"distils into finetune's ClassificationTask or SFTTask, not {type(pl_module).__name__}")
+    raise RecipeError(
+        KEY, f"distils into finetune's ClassificationTask or SFTTask, not {type(pl_module).__name__}"
+    )
 
 
 def _build(trainer: pl.Trainer, pl_module: Any) -> None:

@@ -36,7 +36,9 @@ class FeatureMatch:
 
     def __post_init__(self) -> None:
         if self.loss not in FEATURE_LOSSES:
-            raise RecipeError(f"{KEY}.features", f"loss {self.loss!r} is not one of: {', '.join(FEATURE_LOSSES)}")
+            raise RecipeError(
+                f"{KEY}.features", f"loss {self.loss!r} is not one of: {', '.join(FEATURE_LOSSES)}"
+            )
         if self.weight < 0:
             raise RecipeError(f"{KEY}.features", f"weight must be >= 0, got {self.weight}")
 
@@ -107,12 +109,18 @@ class FeatureKD:
 
     name = "feature"
 
-    def __init__(self, teacher: Callable[[], TeacherOutputs], matches: list[FeatureMatch], widths: list[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        teacher: Callable[[], TeacherOutputs],
+        matches: list[FeatureMatch],
+        widths: list[tuple[int, int]],
+    ) -> None:
         self.teacher = teacher
         self.matches = matches
         self.features = tuple(dict.fromkeys(match.student for match in matches))
         self.projections = nn.ModuleList(
-            nn.Linear(student, teacher) if student != teacher else nn.Identity() for student, teacher in widths
+            nn.Linear(student, teacher) if student != teacher else nn.Identity()
+            for student, teacher in widths
         )
 
     def __call__(self, outputs: StepOutputs) -> LossContribution:

@@ -112,7 +112,9 @@ class FinetuneTask(pl.LightningModule):
         """The student features the registered terms need, each once, in registration order."""
         return tuple(dict.fromkeys(name for term in self.loss_terms.values() for name in term.features))
 
-    def total_loss(self, outputs: StepOutputs, batch_size: int, per: torch.Tensor | None = None) -> torch.Tensor:
+    def total_loss(
+        self, outputs: StepOutputs, batch_size: int, per: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The training loss: the task loss re-weighted and the terms' contributions added.
 
         Logs ``train/loss`` and, with terms registered, ``train/task_loss`` and ``train/<name>_loss``;
@@ -190,7 +192,6 @@ class FinetuneTask(pl.LightningModule):
         steps = total_steps(self.trainer)
         schedules = build_schedule(optimizer, self.schedule_config, steps, self.monitor, self.monitor_mode)
         return [optimizer], schedules
-
 
     def _loss_module_groups(self) -> list[dict[str, Any]]:
         """One group per loss-term module, at the head's level, with the optimizer's base LR and decay."""

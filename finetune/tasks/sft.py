@@ -126,7 +126,9 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
             return
         tokenizer = datamodule.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples.jsonl"
+        from finetune.callbacks.rundir import run_dir
+
+        path = run_dir(self.trainer) / "samples.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as out:
             for sample in datamodule.sample_prompts(self.samples):

@@ -29,10 +29,10 @@ def bert_folder(directory: Path, tokenizer_dir: Path, hidden: int, layers: int =
     return directory
 
 
-def export_classifier(backbone: Path, labels: list[str], directory: Path) -> Path:
+def export_classifier(backbone: Path | dict, labels: list[str], directory: Path) -> Path:
     from finetune import ClassificationTask
 
-    task = ClassificationTask(str(backbone), labels=labels)
+    task = ClassificationTask(backbone if isinstance(backbone, dict) else str(backbone), labels=labels)
     task.configure_model()
     return task.export(directory)
 

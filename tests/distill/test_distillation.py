@@ -11,7 +11,7 @@ import torch
 
 from finetune import ClassificationTask, Distillation, FeatureMatch, RecipeError, SFTTask
 from finetune.data import InstructionData, TextClassificationData
-from finetune.distill.losses import FeatureKD, LogitKD, TeacherOutputs, kd_per_item
+from finetune.distill.losses import LogitKD, TeacherOutputs, kd_per_item
 from finetune.tasks.loss_terms import StepOutputs
 
 LABELS = ["negative", "positive"]
@@ -87,7 +87,9 @@ def fit(task, data, callbacks, tmp_path, **trainer_args):
 
 
 def text_data(backbone, csv, **kwargs):
-    return TextClassificationData(train=str(csv), val_fraction=0.0, batch_size=8, backbone=str(backbone), **kwargs)
+    return TextClassificationData(
+        train=str(csv), val_fraction=0.0, batch_size=8, backbone=str(backbone), **kwargs
+    )
 
 
 def test_teacher_is_frozen_in_eval_mode_and_never_in_optimizer_or_checkpoint(
@@ -95,7 +97,9 @@ def test_teacher_is_frozen_in_eval_mode_and_never_in_optimizer_or_checkpoint(
 ):
     from finetune.distill.teacher import load_teacher
 
-    before = {n: p.clone() for n, p in load_teacher(str(bert_teacher), False, LABELS).model.named_parameters()}
+    before = {
+        n: p.clone() for n, p in load_teacher(str(bert_teacher), False, LABELS).model.named_parameters()
+    }
     distillation = Distillation(teacher=str(bert_teacher), alpha=0.5, temperature=2.0)
     watch = Watch(distillation)
     task = ClassificationTask(str(tiny_bert_dir))
@@ -139,7 +143,10 @@ def test_feature_kd_projection_shapes_and_gradients(tiny_bert_dir, bert_teacher,
     trainer = fit(task, text_data(tiny_bert_dir, text_csv), [distillation, gradients], tmp_path, max_steps=1)
 
     assert gradients.shapes == [(48, 32), (48, 32)]
-    assert "loss_modules.feature.0.weight" in gradients.names and "loss_modules.feature.1.bias" in gradients.names
+    assert (
+        "loss_modules.feature.0.weight" in gradients.names
+        and "loss_modules.feature.1.bias" in gradients.names
+    )
     assert all(gradients.student) and all(gradients.projection) and all(gradients.teacher)
     assert "train/feature_loss" in trainer.logged_metrics
 
@@ -160,7 +167,9 @@ def test_teacher_cache_runs_the_teacher_once_per_sample(tiny_bert_dir, bert_teac
 
     data = text_data(tiny_bert_dir, text_csv, limit=32)
     fit(ClassificationTask(str(tiny_bert_dir)), data, [distillation, Count()], tmp_path, max_steps=8)
-    assert len(calls) == 4 and len(distillation.cache) == 32  # 2 epochs of 4 batches; the teacher ran in the first
+    assert (
+        len(calls) == 4 and len(distillation.cache) == 32
+    )  # 2 epochs of 4 batches; the teacher ran in the first
 
 
 def test_cache_is_refused_with_augmenting_image_transforms(tiny_timm_checkpoint, image_folder, tmp_path):
@@ -176,7 +185,12 @@ def test_cache_is_refused_with_augmenting_image_transforms(tiny_timm_checkpoint,
 def test_mismatched_class_counts_name_the_keys(tiny_bert_dir, three_class_teacher, text_csv, tmp_path):
     distillation = Distillation(teacher=str(three_class_teacher))
     with pytest.raises(RecipeError) as error:
-        fit(ClassificationTask(str(tiny_bert_dir)), text_data(tiny_bert_dir, text_csv), [distillation], tmp_path)
+        fit(
+            ClassificationTask(str(tiny_bert_dir)),
+            text_data(tiny_bert_dir, text_csv),
+            [distillation],
+            tmp_path,
+        )
     assert error.value.key == "trainer.callbacks.Distillation.teacher"
     assert "3 classes" in error.value.message and "model.labels" in error.value.message
 
@@ -196,8 +210,14 @@ def test_mismatched_vocabularies_name_the_keys(tiny_llama_dir, tiny_bert_dir, tm
     other = tmp_path / "other-llama"
     tokenizer = make_tokenizer(other)  # BERT word pieces: other tokens, other ids
     LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
     ).save_pretrained(other)
     task = SFTTask(str(tiny_llama_dir), strategy="lora", samples=0)
     with pytest.raises(RecipeError) as error:
@@ -206,11 +226,17 @@ def test_mismatched_vocabularies_name_the_keys(tiny_llama_dir, tiny_bert_dir, tm
     assert "tokenizer" in error.value.message and "model.backbone" in error.value.message
 
 
-def test_lora_sft_student_learns_from_a_larger_teacher_on_response_tokens(tiny_llama_dir, llama_teacher, tmp_path):
-    distillation = Distillation(teacher=str(llama_teacher), alpha=0.5, temperature=2.0, teacher_dtype="bfloat16")
+def test_lora_sft_student_learns_from_a_larger_teacher_on_response_tokens(
+    tiny_llama_dir, llama_teacher, tmp_path
+):
+    distillation = Distillation(
+        teacher=str(llama_teacher), alpha=0.5, temperature=2.0, teacher_dtype="bfloat16"
+    )
     watch = Watch(distillation)
     task = SFTTask(str(tiny_llama_dir), strategy="lora", samples=0)
-    trainer = fit(task, instruction_data(tmp_path, tiny_llama_dir), [distillation, watch], tmp_path, max_steps=2)
+    trainer = fit(
+        task, instruction_data(tmp_path, tiny_llama_dir), [distillation, watch], tmp_path, max_steps=2
+    )
     changed = {n for n, p in task.named_parameters() if not torch.equal(p, watch.start[n])}
     assert changed and all("lora_" in n for n in changed)
     assert watch.teacher_training == [False, False]
