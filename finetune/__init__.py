@@ -31,6 +31,8 @@ _EXPORTS = {
     "PredictionWriter": "finetune.callbacks",
     "RestoreRNG": "finetune.callbacks",
     "GradualUnfreezing": "finetune.callbacks",
+    "Distillation": "finetune.callbacks",
+    "FeatureMatch": "finetune.distill",
     "ScheduledAccumulation": "finetune.callbacks",
     "OptimizerConfig": "finetune.optim",
     "ParamGroup": "finetune.optim",

@@ -41,6 +41,17 @@ class BackboneLoader(Protocol):
     def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
         """Class logits for a batch produced by this family's preprocessing."""
 
+    def features(
+        self, model: Any, batch: Mapping[str, Any], names: tuple[str, ...]
+    ) -> tuple[Any, dict[str, Any]]:
+        """Class logits and the named features of one forward pass (``FEATURES`` says which names exist)."""
+
+    def feature_width(self, model: Any, name: str) -> int:
+        """The last dimension of feature ``name`` of ``model``."""
+
+    def pixel_statistics(self, source: str, backbone: Backbone) -> PixelStatistics:
+        """The normalisation and input size the pretrained weights expect (image models)."""
+
     def tokenizer(self, source: str, backbone: Backbone) -> Any: ...
 
     def image_transform(self, source: str, backbone: Backbone, train: bool) -> Callable[[Any], Any]:
@@ -48,6 +59,30 @@ class BackboneLoader(Protocol):
 
     def export(self, model: Any, directory: Path, labels: list[str], backbone: Backbone) -> None:
         """Save ``model`` in the family's native format, loadable without ``finetune``."""
+
+
+FEATURES = """Feature names: ``pooled``, the features the classifier head reads (timm: ``forward_head(...,
+pre_logits=True)``; Hugging Face: the last hidden state averaged over the attention mask), ``(B, D)``;
+``hidden.N`` (Hugging Face only), the output of layer ``N`` (0: embeddings; negative counts from the top),
+``(B, L, D)``."""
+
+
+@dataclass(frozen=True)
+class PixelStatistics:
+    """How an image model's inputs are normalised: ``(pixels - mean) / std`` at ``size`` (height, width)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: tuple[int, int]
+
+
+def check_feature(name: str, family: str, key: str = "features") -> None:
+    """RecipeError (at ``key``) unless ``name`` is a feature models of ``family`` provide."""
+    prefix, _, layer = name.partition(".")
+    valid = name == "pooled" or (family == "hf" and prefix == "hidden" and layer.lstrip("-").isdigit())
+    if not valid:
+        known = "pooled" if family == "timm" else "pooled, hidden.N (N a layer index, negative from the top)"
+        raise RecipeError(key, f"{family} models have no feature {name!r}; choose one of: {known}")
 
 
 LOADERS: Registry[BackboneLoader] = Registry("backbone family", KEY)
@@ -118,3 +153,7 @@ class Backbone:
     def image_transform(self, train: bool) -> Callable[[Any], Any]:
         loader, source = self.resolve()
         return loader.image_transform(source, self, train)
+
+    def pixel_statistics(self) -> PixelStatistics:
+        loader, source = self.resolve()
+        return loader.pixel_statistics(source, self)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier
+from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, PixelStatistics, check_feature
 from finetune.errors import RecipeError
 
 HUB_HINT = "pass a local folder, or download it once and set HF_HUB_OFFLINE=1"
@@ -132,6 +132,30 @@ class HFLoader:
     def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
         return model(**batch).logits
 
+    def features(
+        self, model: Any, batch: Mapping[str, Any], names: tuple[str, ...]
+    ) -> tuple[Any, dict[str, Any]]:
+        output = model(**batch, output_hidden_states=bool(names))
+        return output.logits, hidden_features(output.hidden_states, batch.get("attention_mask"), names)
+
+    def feature_width(self, model: Any, name: str) -> int:
+        check_feature(name, self.family)
+        config = model.config
+        return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
+
+    def pixel_statistics(self, source: str, backbone: Backbone) -> PixelStatistics:
+        from transformers import AutoImageProcessor
+
+        processor = _reading(
+            source,
+            "image processor",
+            lambda: AutoImageProcessor.from_pretrained(source, **_hub_kwargs(backbone)),
+        )
+        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+        side = size.get("shortest_edge")
+        height, width = (side, side) if side else (size["height"], size["width"])
+        return PixelStatistics(tuple(processor.image_mean), tuple(processor.image_std), (height, width))
+
     def tokenizer(self, source: str, backbone: Backbone) -> Any:
         from transformers import AutoTokenizer
 
@@ -168,6 +192,24 @@ class HFLoader:
 
 
 LOADERS.register("hf")(HFLoader())
+
+
+def hidden_features(hidden_states: Any, attention_mask: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """The named features (``pooled``, ``hidden.N``; see ``finetune.backbones.base.FEATURES``) out of a
+    Hugging Face model's ``hidden_states``; ``pooled`` averages the last one over ``attention_mask``."""
+    features = {}
+    for name in names:
+        check_feature(name, "hf")
+        if name == "pooled":
+            last = hidden_states[-1]
+            if attention_mask is None:
+                features[name] = last.mean(dim=1)
+            else:
+                weights = attention_mask.unsqueeze(-1).to(last.dtype)
+                features[name] = (last * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        else:
+            features[name] = hidden_states[int(name.partition(".")[2])]
+    return features
 
 
 class _ProcessorTransform:

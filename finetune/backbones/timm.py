@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier
+from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, PixelStatistics, check_feature
 from finetune.errors import RecipeError
 from finetune.paths import resolve_path
 
@@ -66,6 +66,30 @@ class TimmLoader:
 
     def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
         return model(batch["pixel_values"])
+
+    def features(
+        self, model: Any, batch: Mapping[str, Any], names: tuple[str, ...]
+    ) -> tuple[Any, dict[str, Any]]:
+        for name in names:
+            check_feature(name, self.family)
+        if not names:
+            return self.logits(model, batch), {}
+        # timm's contract: forward = forward_head(forward_features(x)), and the classifier reads pre-logits.
+        pooled = model.forward_head(model.forward_features(batch["pixel_values"]), pre_logits=True)
+        return model.get_classifier()(pooled), {"pooled": pooled}
+
+    def feature_width(self, model: Any, name: str) -> int:
+        check_feature(name, self.family)
+        return getattr(model, "head_hidden_size", None) or model.num_features
+
+    def pixel_statistics(self, source: str, backbone: Backbone) -> PixelStatistics:
+        import torch
+        from timm.data import resolve_data_config
+
+        with torch.device("meta"):
+            model = self._create(source, None, pretrained=False)
+        config = resolve_data_config({}, model=model)
+        return PixelStatistics(tuple(config["mean"]), tuple(config["std"]), tuple(config["input_size"][1:]))
 
     def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
         raise RecipeError(KEY, f"timm model {source!r} is not a language model; give an hf: causal LM")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+
+from finetune.callbacks.rundir import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,6 @@ class ExportModel(pl.Callback):
             pl_module.load_weights(state)
             log.info("Loaded the best checkpoint %s for export", best)
         if trainer.is_global_zero:
-            directory = pl_module.export(Path(trainer.log_dir or trainer.default_root_dir) / self.dirname)
+            directory = pl_module.export(run_dir(trainer) / self.dirname)
             log.info("Exported the model to %s", directory)
         trainer.strategy.barrier("export")

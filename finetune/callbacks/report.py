@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from pathlib import Path
 
 import lightning.pytorch as pl
 from torch import nn
 
 from finetune.adapters import adapter_summary, adapter_targets, has_adapters
+from finetune.callbacks.rundir import run_dir
 from finetune.callbacks.table import table
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,6 @@ class MetricsReport(pl.Callback):
 
 
 def _write(trainer: pl.Trainer, filename: str, text: str) -> None:
-    path = Path(trainer.log_dir or trainer.default_root_dir) / filename
+    path = run_dir(trainer) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")

@@ -16,6 +16,9 @@ from finetune.backbones.layout import Layout
 from finetune.errors import RecipeError
 from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.strategies import Strategy, describe_strategy, resolve_strategy
+from finetune.tasks.loss_terms import LossTerm, StepOutputs
+
+LOSS_MODULES = "loss_modules"
 
 
 class FinetuneTask(pl.LightningModule):
@@ -28,6 +31,10 @@ class FinetuneTask(pl.LightningModule):
     Subclasses declare the metric checkpoints follow in ``monitor`` / ``monitor_mode``. Under a strategy
     with ``trainable_only_checkpoints`` (adapters), checkpoints hold only the trained weights and buffers,
     and loading one checks that every trained weight is there.
+
+    The training loss goes through registered loss terms (``add_loss_term``; the contract is in
+    ``finetune.tasks.loss_terms``): subclasses compute their step's ``StepOutputs`` and return
+    ``self.total_loss(outputs, batch_size)``.
     """
 
     monitor = "val/loss"
@@ -48,6 +55,9 @@ class FinetuneTask(pl.LightningModule):
         self.schedule_config = _config(ScheduleConfig, lr_scheduler)
         self.model: nn.Module | None = None
         self.layout: Layout | None = None
+        self.loss_terms: dict[str, LossTerm] = {}
+        # Modules that loss terms train (feature projections): in the optimizer, never in an export.
+        self.loss_modules = nn.ModuleDict()
         # Trainable-only checkpoints lack the frozen base; `load_weights` checks what must be there.
         self.strict_loading = not self.strategy.trainable_only_checkpoints
 
@@ -81,6 +91,49 @@ class FinetuneTask(pl.LightningModule):
         """Write the model so that it loads without ``finetune``; adapters alone unless ``merge``."""
         raise NotImplementedError
 
+    # --- loss terms (finetune.tasks.loss_terms) ---------------------------------------------------------
+
+    def add_loss_term(self, term: LossTerm, module: nn.Module | None = None) -> None:
+        """Add ``term`` to the training loss; ``module`` (if any) trains with the model. Call before
+        ``configure_optimizers`` (a callback's ``setup``); a name already registered raises."""
+        if term.name in self.loss_terms:
+            raise KeyError(f"loss term {term.name!r} is already registered")
+        self.loss_terms[term.name] = term
+        if module is not None:
+            self.loss_modules[term.name] = module
+
+    def remove_loss_term(self, name: str) -> None:
+        """Remove the term ``name`` and its module (no error when absent)."""
+        self.loss_terms.pop(name, None)
+        if name in self.loss_modules:
+            del self.loss_modules[name]
+
+    def requested_features(self) -> tuple[str, ...]:
+        """The student features the registered terms need, each once, in registration order."""
+        return tuple(dict.fromkeys(name for term in self.loss_terms.values() for name in term.features))
+
+    def total_loss(
+        self, outputs: StepOutputs, batch_size: int, per: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The training loss: the task loss re-weighted and the terms' contributions added.
+
+        Logs ``train/loss`` and, with terms registered, ``train/task_loss`` and ``train/<name>_loss``;
+        logged values are divided by ``per`` (token tasks: the micro-batch's target-token count).
+        """
+        weight, added, parts = 1.0, [], {}
+        for name, term in self.loss_terms.items():
+            contribution = term(outputs)
+            weight *= contribution.task_weight
+            added.append(contribution.loss)
+            parts[f"train/{name}_loss"] = contribution.loss.detach()
+        total = weight * outputs.task_loss + sum(added) if added else outputs.task_loss
+        scale = 1.0 if per is None else 1.0 / per.clamp(min=1)
+        if parts:
+            parts["train/task_loss"] = outputs.task_loss.detach()
+            self.log_dict({k: v * scale for k, v in parts.items()}, batch_size=batch_size)
+        self.log("train/loss", total.detach() * scale, prog_bar=True, batch_size=batch_size)
+        return total
+
     def checkpointed_names(self) -> set[str]:
         """State-dict keys a checkpoint keeps: all, or only trainable parameters and buffers."""
         names = set(self.state_dict())
@@ -96,12 +149,23 @@ class FinetuneTask(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self._without_stray_loss_modules(checkpoint["state_dict"])
         self._check_complete(checkpoint["state_dict"])
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load a checkpoint's ``state_dict`` (complete, or trainable-only under an adapter strategy)."""
+        """Load a checkpoint's ``state_dict`` (complete, or trainable-only under an adapter strategy).
+
+        Weights of loss-term modules this task has not registered (a distillation run's feature
+        projection, when exporting it) are skipped: they belong to training, not to the model.
+        """
+        state_dict = self._without_stray_loss_modules(state_dict)
         self._check_complete(state_dict)
         self.load_state_dict(state_dict, strict=self.strict_loading)
+
+    def _without_stray_loss_modules(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        own = set(self.state_dict())
+        prefix = LOSS_MODULES + "."
+        return {k: v for k, v in state_dict.items() if k in own or not k.startswith(prefix)}
 
     def _check_complete(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         missing = sorted(self.checkpointed_names() - set(state_dict))
@@ -123,11 +187,34 @@ class FinetuneTask(pl.LightningModule):
         from finetune.optim.param_groups import param_groups
         from finetune.optim.schedules import build_schedule, total_steps
 
-        groups = param_groups(self.model, self.layout, self.optimizer_config)
+        groups = param_groups(self.model, self.layout, self.optimizer_config) + self._loss_module_groups()
         optimizer = build_optimizer(groups, self.optimizer_config)
         steps = total_steps(self.trainer)
         schedules = build_schedule(optimizer, self.schedule_config, steps, self.monitor, self.monitor_mode)
         return [optimizer], schedules
+
+    def _loss_module_groups(self) -> list[dict[str, Any]]:
+        """One group per loss-term module, at the head's level, with the optimizer's base LR and decay."""
+        from finetune.optim.param_groups import HEAD
+
+        top = len(self.layout.blocks) + 1 if self.layout is not None else 1
+        groups = []
+        for name, module in self.loss_modules.items():
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            if named:
+                groups.append(
+                    {
+                        "params": [p for _, p in named],
+                        "names": [f"{LOSS_MODULES}.{name}.{n}" for n, _ in named],
+                        "lr": self.optimizer_config.lr,
+                        "weight_decay": self.optimizer_config.weight_decay,
+                        "name": f"{LOSS_MODULES}.{name}",
+                        "level": top,
+                        "block": HEAD,
+                        "rule": None,
+                    }
+                )
+        return groups
 
 
 def _config(kind: type, value: Any) -> Any:

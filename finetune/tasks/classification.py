@@ -19,6 +19,7 @@ from finetune.export import export_classifier
 from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.strategies import Strategy
 from finetune.tasks.base import FinetuneTask
+from finetune.tasks.loss_terms import StepOutputs
 
 NOT_MODEL_INPUTS = ("labels", "index")
 
@@ -28,7 +29,8 @@ class ClassificationTask(FinetuneTask):
 
     The model is built in ``configure_model`` once the labels are known: from ``labels`` when given,
     else from the datamodule's ``labels``. Batches are dicts of model inputs plus ``labels`` and ``index``.
-    Logs ``{train,val,test}/loss``, ``/acc`` and ``/f1`` (macro).
+    Logs ``{train,val,test}/loss``, ``/acc`` and ``/f1`` (macro). The training loss is cross-entropy plus
+    any registered loss terms (``finetune.tasks.loss_terms``; per-sample means, ``reduction="mean"``).
 
     Args:
         backbone: the pretrained model: ``timm:NAME``, ``hf:ID``, a local folder, or a full backbone spec.
@@ -97,14 +99,25 @@ class ClassificationTask(FinetuneTask):
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Class logits for a batch."""
-        inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
-        return self.loader.logits(self.model, inputs)
+        return self.loader.logits(self.model, model_inputs(batch))
+
+    def forward_features(
+        self, batch: dict[str, Any], names: tuple[str, ...]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Class logits and the named features (``pooled``, ``hidden.N``) of one forward pass."""
+        if not names:
+            return self(batch), {}
+        return self.loader.features(self.model, model_inputs(batch), names)
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        logits = self(batch)
+        logits, features = self.forward_features(batch, self.requested_features() if stage == "train" else ())
         loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
         batch_size = len(batch["labels"])
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
+        if stage == "train":
+            outputs = StepOutputs(logits=logits, batch=batch, task_loss=loss, features=features)
+            loss = self.total_loss(outputs, batch_size)
+        else:
+            self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach(), batch["labels"])
         self.log_dict(metrics, prog_bar=stage != "train", batch_size=batch_size, on_epoch=True, on_step=False)
@@ -128,3 +141,8 @@ class ClassificationTask(FinetuneTask):
         Under an adapter strategy the adapters alone are written, in peft's format, unless ``merge``.
         """
         return export_classifier(self, directory, merge)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without what is not a model input (``labels``, ``index``)."""
+    return {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}

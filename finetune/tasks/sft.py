@@ -19,6 +19,7 @@ from finetune.export import export_causal_lm
 from finetune.optim import OptimizerConfig, ScheduleConfig, TokenNormalizedLoss
 from finetune.strategies import Strategy
 from finetune.tasks.base import FinetuneTask
+from finetune.tasks.loss_terms import StepOutputs
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
 
     Under gradient accumulation the training loss is the mean over all response tokens of the optimizer
     step, not a mean of per-micro-batch means (``TokenNormalizedLoss``).
+
+    Registered loss terms (``finetune.tasks.loss_terms``) see the full-length token logits with
+    ``reduction="sum"`` and ``mask`` marking the positions whose next token is a response token; their
+    sums are normalised together with the task loss.
 
     Logs ``train/loss``, ``val/loss`` (mean per response token) and ``val/perplexity``. After each
     validation epoch it greedily completes the first ``samples`` validation prompts of the datamodule
@@ -76,21 +81,30 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Next-token logits."""
+        return self.forward_features(batch, ())[0]
+
+    def forward_features(
+        self, batch: Mapping[str, torch.Tensor], names: tuple[str, ...]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Next-token logits and the named features (``pooled``, ``hidden.N``) of one forward pass."""
+        from finetune.backbones.hf import hidden_features
+
         inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-        return self.model(**inputs, use_cache=False).logits
+        output = self.model(**inputs, use_cache=False, output_hidden_states=bool(names))
+        return output.logits, hidden_features(output.hidden_states, inputs.get("attention_mask"), names)
 
     def token_losses(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of the next-token losses over the batch's target tokens, and how many there are."""
-        logits = self(batch)[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        return loss_sum, (targets != -100).sum()
+        return _next_token_losses(self(batch), batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, tokens = self.token_losses(batch)
-        mean = loss_sum.detach() / tokens.clamp(min=1)
-        self.log("train/loss", mean, prog_bar=True, batch_size=len(batch["input_ids"]))
-        return self.token_loss(loss_sum, tokens)
+        logits, features = self.forward_features(batch, self.requested_features())
+        loss_sum, tokens = _next_token_losses(logits, batch["labels"])
+        mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        mask[:, :-1] = batch["labels"][:, 1:] != -100  # position t predicts token t + 1
+        outputs = StepOutputs(logits, batch, loss_sum, reduction="sum", mask=mask, features=features)
+        total = self.total_loss(outputs, len(batch["input_ids"]), per=tokens)
+        return self.token_loss(total, tokens)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Weight by response tokens, so val/loss is the mean over tokens and exp() of it the perplexity.
@@ -112,7 +126,9 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
             return
         tokenizer = datamodule.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples.jsonl"
+        from finetune.callbacks.rundir import run_dir
+
+        path = run_dir(self.trainer) / "samples.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as out:
             for sample in datamodule.sample_prompts(self.samples):
@@ -133,3 +149,11 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
     def export(self, directory: Path, merge: bool = False) -> Path:
         """A Hugging Face folder (safetensors) with the tokenizer; adapters alone unless ``merge``."""
         return export_causal_lm(self, directory, merge)
+
+
+def _next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the next-token cross-entropies over target tokens (labels != -100), and their count."""
+    shifted = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    loss_sum = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="sum")
+    return loss_sum, (targets != -100).sum()

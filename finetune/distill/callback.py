@@ -1,0 +1,237 @@
+"""``Distillation``: a Lightning callback that distils a frozen teacher into a finetune task."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+
+from finetune.backbones import Backbone
+from finetune.backbones.base import check_feature
+from finetune.distill.cache import TeacherCache, augmenting_steps
+from finetune.distill.losses import KEY, FeatureKD, FeatureMatch, LogitKD, TeacherOutputs
+from finetune.distill.teacher import PixelAdapter, Teacher, check_labels, check_vocabulary, load_teacher
+from finetune.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+
+class Distillation(pl.Callback):
+    """Knowledge distillation from a frozen teacher into the module being trained (the student).
+
+    The training loss becomes ``alpha · task_loss + (1 - alpha) · T² · KL(softmax(teacher/T) ‖
+    softmax(student/T))`` plus, with ``features``, ``Σ weight · loss(projection(student feature), teacher
+    feature)``. Logged as ``train/task_loss``, ``train/kd_loss`` (the added ``(1 - alpha) · T² · KL``),
+    ``train/feature_loss`` and ``train/loss`` (the total). For an ``SFTTask`` the KL is per token, over the
+    vocabulary, on response tokens only, summed and normalised with the task loss per response token.
+
+    Contract: the module is a finetune ``ClassificationTask`` or ``SFTTask``; the callback adds its loss
+    terms through ``FinetuneTask.add_loss_term`` (see ``finetune.tasks.loss_terms``) in ``setup``, which
+    builds the student first. The teacher is *not* a submodule of the task: it is never in the optimizer
+    or in a checkpoint, ``task.train()`` never reaches it (it stays in eval mode, dropout off), and it runs
+    under ``no_grad`` once per batch, in ``teacher_dtype`` when given. A feature projection *is* a
+    submodule (``loss_modules.feature``): it trains, is checkpointed for resuming, and is not exported.
+
+    Checks in ``setup``: a classifier teacher's classes equal the student's (names and order); on text and
+    causal LMs the tokenizers are the same (the teacher reads the student's token ids); feature names
+    exist for each model's family. Images are re-normalised and resized for the teacher's preprocessing.
+
+    Args:
+        teacher: a run folder (``runs/<recipe>/version_N``: its best checkpoint), an export folder (plain
+            timm / Hugging Face folder; ``labels.json`` gives a classifier's classes), or a backbone spec.
+        alpha: weight of the task loss; ``1 - alpha`` weighs the distillation loss.
+        temperature: softmax temperature ``T`` of both models' logits.
+        features: feature matches (``FeatureMatch``); none by default (logit distillation only).
+        teacher_dtype: run the teacher in ``bfloat16`` / ``float16`` / ``float32``; default: as loaded.
+        cache_teacher: compute the teacher's logits once per training sample (by the batch's ``index``) and
+            reuse them in later epochs. Only without train-time augmentation (refused when the train
+            transform has random steps), for classification with logit distillation only.
+
+    Example::
+
+        trainer = Trainer(callbacks=[Distillation(teacher="runs/big/version_0", alpha=0.5, temperature=2)])
+        trainer.fit(ClassificationTask("hf:prajjwal1/bert-tiny"), datamodule=data)
+    """
+
+    def __init__(
+        self,
+        teacher: str | Backbone,
+        alpha: float = 0.5,
+        temperature: float = 2.0,
+        features: list[FeatureMatch] | None = None,
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        cache_teacher: bool = False,
+    ) -> None:
+        if not 0 <= alpha <= 1:
+            raise RecipeError(f"{KEY}.alpha", f"must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise RecipeError(f"{KEY}.temperature", f"must be > 0, got {temperature}")
+        if alpha == 1 and not features:
+            raise RecipeError(f"{KEY}.alpha", "alpha 1 leaves nothing to distil; lower it or add features")
+        self.source = teacher
+        self.alpha = alpha
+        self.temperature = temperature
+        self.features = list(features or [])
+        self.teacher_dtype = teacher_dtype
+        self.cache_teacher = cache_teacher
+        self.teacher: Teacher | None = None
+        self.cache = TeacherCache() if cache_teacher else None
+        self.terms: list[str] = []
+        self._step: TeacherOutputs | None = None
+
+    # -- hooks -----------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        causal_lm = _student_kind(pl_module)
+        _build(trainer, pl_module)
+        labels = None if causal_lm else pl_module.labels
+        self.teacher = load_teacher(self.source, causal_lm, labels, self.teacher_dtype)
+        if labels is not None:
+            check_labels(self.teacher, labels)
+        student_tokenizer = _student_tokenizer(trainer, pl_module, causal_lm)
+        if student_tokenizer is not None:
+            check_vocabulary(self.teacher.backbone.tokenizer(), student_tokenizer)
+        self._check_cache(trainer, causal_lm)
+        if self.alpha < 1:
+            self._register(pl_module, LogitKD(self.current, self.alpha, self.temperature))
+        if self.features:
+            self._register(pl_module, *self._feature_term(pl_module))
+        log.info(
+            "Distillation: teacher %s (%s), alpha %s, temperature %s%s",
+            self.teacher.backbone.name,
+            type(self.teacher.model).__name__,
+            self.alpha,
+            self.temperature,
+            f", features {[(m.student, m.teacher) for m in self.features]}" if self.features else "",
+        )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.teacher.model.to(pl_module.device)
+        self.teacher.freeze()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = self.teacher_outputs(batch, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for name in self.terms:
+            pl_module.remove_loss_term(name)
+        self.terms = []
+        self.teacher = None  # free its memory; a new fit loads it again
+
+    def state_dict(self) -> dict[str, Any]:
+        # The teacher is not saved (it is loaded from its source); the cache is recomputed after a resume.
+        return {"teacher": str(self.source)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("teacher") != str(self.source):
+            log.warning(
+                "Distillation: the checkpoint was trained with teacher %s, this run uses %s",
+                state_dict.get("teacher"),
+                self.source,
+            )
+
+    # -- teacher outputs -------------------------------------------------------------------------------
+
+    def current(self) -> TeacherOutputs:
+        """The teacher's outputs for the batch being trained on (what the loss terms read)."""
+        if self._step is None:
+            raise RuntimeError("Distillation: no teacher outputs outside a training batch")
+        return self._step
+
+    def teacher_outputs(self, batch: Any, pl_module: pl.LightningModule) -> TeacherOutputs:
+        """The teacher's logits (from the cache when every sample is in it) and requested features."""
+        if "pixel_values" in batch and self.teacher.pixels is None:
+            self.teacher.pixels = PixelAdapter(
+                pl_module.backbone.pixel_statistics(), self.teacher.backbone.pixel_statistics()
+            )
+        if self.cache is not None:
+            logits = self.cache.lookup(batch["index"], pl_module.device)
+            if logits is not None:
+                return TeacherOutputs(logits)
+        names = tuple(dict.fromkeys(match.teacher for match in self.features))
+        outputs = self.teacher.outputs(batch, names)
+        if self.cache is not None:
+            self.cache.store(batch["index"], outputs.logits)
+        return outputs
+
+    # -- setup helpers ---------------------------------------------------------------------------------
+
+    def _register(self, pl_module: Any, term: Any, module: Any = None) -> None:
+        pl_module.add_loss_term(term, module)
+        self.terms.append(term.name)
+
+    def _feature_term(self, pl_module: Any) -> tuple[FeatureKD, Any]:
+        key = f"{KEY}.features"
+        widths = []
+        for match in self.features:
+            check_feature(match.student, pl_module.loader.family, key)
+            check_feature(match.teacher, self.teacher.loader.family, key)
+            widths.append(
+                (
+                    pl_module.loader.feature_width(pl_module.model, match.student),
+                    self.teacher.loader.feature_width(self.teacher.model, match.teacher),
+                )
+            )
+        term = FeatureKD(self.current, self.features, widths)
+        return term, term.projections
+
+    def _check_cache(self, trainer: pl.Trainer, causal_lm: bool) -> None:
+        if self.cache is None:
+            return
+        key = f"{KEY}.cache_teacher"
+        if causal_lm or self.features:
+            raise RecipeError(
+                key, "caches classifier logits only; turn it off for causal LMs or feature matches"
+            )
+        steps = augmenting_steps(getattr(trainer, "datamodule", None))
+        if steps:
+            raise RecipeError(
+                key,
+                f"the train transform augments ({', '.join(steps)}), so cached teacher logits would be those of "
+                "another view of each image; turn cache_teacher off",
+            )
+
+
+def _student_kind(pl_module: pl.LightningModule) -> bool:
+    """True for a causal LM student (``SFTTask``), False for a classifier; RecipeError otherwise."""
+    from finetune.tasks import ClassificationTask, SFTTask
+
+    if isinstance(pl_module, SFTTask):
+        return True
+    if isinstance(pl_module, ClassificationTask):
+        return False
+    raise RecipeError(
+        KEY, f"distils into finetune's ClassificationTask or SFTTask, not {type(pl_module).__name__}"
+    )
+
+
+def _build(trainer: pl.Trainer, pl_module: Any) -> None:
+    """Build the student now (labels and feature widths are needed before the optimizer), in the contexts
+    Lightning's own ``configure_model`` call uses; that call then finds it built."""
+    with (
+        trainer.strategy.tensor_init_context(),
+        trainer.strategy.model_sharded_context(),
+        trainer.precision_plugin.module_init_context(),
+    ):
+        pl_module.configure_model()
+
+
+def _student_tokenizer(trainer: pl.Trainer, pl_module: Any, causal_lm: bool) -> Any:
+    """The tokenizer the student's batches come from (text and causal LMs), or None (images)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is None and causal_lm:
+        tokenizer = pl_module.backbone.tokenizer()
+    return tokenizer

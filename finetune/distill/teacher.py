@@ -1,0 +1,198 @@
+"""The teacher: loaded from a run folder, an export folder or a backbone spec; frozen, in eval mode,
+optionally in lower precision; its inputs adapted to its own image preprocessing."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.backbones import Backbone, BackboneLoader
+from finetune.backbones.base import PixelStatistics
+from finetune.backbones.hf import hidden_features
+from finetune.distill.losses import KEY, TeacherOutputs
+from finetune.errors import RecipeError
+from finetune.paths import is_local_path, resolve_path
+
+log = logging.getLogger(__name__)
+
+TEACHER_KEY = f"{KEY}.teacher"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NOT_MODEL_INPUTS = ("labels", "index")
+
+
+@dataclass
+class Teacher:
+    """A frozen model and what is needed to feed it the student's batches.
+
+    ``labels`` are the class names its head was trained on (None when unknown: a backbone spec);
+    ``causal_lm`` says whether it is a language model (token logits) or a classifier.
+    """
+
+    model: nn.Module
+    loader: BackboneLoader
+    backbone: Backbone
+    labels: list[str] | None
+    causal_lm: bool
+    dtype: torch.dtype | None = None
+    pixels: PixelAdapter | None = field(default=None, repr=False)
+
+    def freeze(self) -> None:
+        """No gradients, eval mode (dropout off), in ``dtype`` when given."""
+        self.model.requires_grad_(False)
+        if self.dtype is not None:
+            self.model.to(self.dtype)
+        self.model.eval()
+
+    @torch.no_grad()
+    def outputs(self, batch: Mapping[str, Any], names: tuple[str, ...]) -> TeacherOutputs:
+        """Logits and the named features for ``batch`` (a batch of the student's data)."""
+        if self.causal_lm:
+            inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
+            output = self.model(**inputs, use_cache=False, output_hidden_states=bool(names))
+            features = hidden_features(output.hidden_states, inputs.get("attention_mask"), names)
+            return TeacherOutputs(output.logits, features)
+        inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
+        if "pixel_values" in inputs and self.pixels is not None:
+            inputs["pixel_values"] = self.pixels(inputs["pixel_values"])
+        inputs = {key: self._cast(value) for key, value in inputs.items()}
+        logits, features = self.loader.features(self.model, inputs, names)
+        return TeacherOutputs(logits, features)
+
+    def _cast(self, value: Any) -> Any:
+        if self.dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(self.dtype)
+        return value
+
+
+class PixelAdapter:
+    """Re-preprocess the student's pixel tensors for the teacher: undo the student's normalisation,
+    resize to the teacher's input size, apply the teacher's normalisation."""
+
+    def __init__(self, student: PixelStatistics, teacher: PixelStatistics) -> None:
+        self.student = student
+        self.teacher = teacher
+
+    @property
+    def identity(self) -> bool:
+        return self.student == self.teacher
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return pixels
+
+        def column(values: tuple[float, ...]) -> torch.Tensor:
+            return torch.tensor(values, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+
+        image = pixels * column(self.student.std) + column(self.student.mean)
+        if tuple(image.shape[-2:]) != tuple(self.teacher.size):
+            image = F.interpolate(image, size=self.teacher.size, mode="bilinear", antialias=True)
+        return (image - column(self.teacher.mean)) / column(self.teacher.std)
+
+
+def load_teacher(
+    source: str | Backbone | Mapping[str, Any],
+    causal_lm: bool,
+    student_labels: list[str] | None,
+    dtype: str | None = None,
+) -> Teacher:
+    """The teacher named by ``source``, frozen: a run folder (``runs/<recipe>/version_N``: its best
+    checkpoint, any strategy), an export folder (a plain timm/Hugging Face folder, with ``labels.json`` for a
+    classifier), or a backbone spec (``timm:NAME``, ``hf:ID``, a folder), loaded with a head for
+    ``student_labels``."""
+    if isinstance(source, str) and is_local_path(source):
+        path = resolve_path(source, TEACHER_KEY)
+        if (path / "config.yaml").is_file():
+            teacher = _from_run(path, causal_lm)
+        else:
+            teacher = _from_folder(path, causal_lm, student_labels)
+    else:
+        teacher = _from_spec(Backbone.of(source), causal_lm, student_labels)
+    teacher.dtype = DTYPES[dtype] if dtype is not None else None
+    teacher.freeze()
+    return teacher
+
+
+def _from_run(path: Path, causal_lm: bool) -> Teacher:
+    from finetune.export_run import load_run
+
+    try:
+        task = load_run(path)
+    except RecipeError as error:
+        raise RecipeError(TEACHER_KEY, error.message) from error
+    if causal_lm != (not hasattr(task, "labels")):
+        kind = "a language model" if causal_lm else "a classifier"
+        raise RecipeError(TEACHER_KEY, f"the run {path} did not train {kind}, as the student is")
+    labels = getattr(task, "labels", None)
+    return Teacher(task.model, task.loader, task.backbone, labels, causal_lm)
+
+
+def _from_folder(path: Path, causal_lm: bool, student_labels: list[str] | None) -> Teacher:
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise RecipeError(
+            TEACHER_KEY,
+            f"{path} holds adapters only; give the run folder, or export it with --merge first",
+        )
+    backbone = Backbone(name=str(path))
+    loader, _ = backbone.resolve()
+    if causal_lm:
+        return Teacher(backbone.load_causal_lm(), loader, backbone, None, True)
+    labels_file = path / "labels.json"
+    if not labels_file.is_file():
+        return _from_spec(backbone, False, student_labels)
+    labels = [str(label) for label in json.loads(labels_file.read_text(encoding="utf-8"))]
+    return Teacher(backbone.load_classifier(labels).model, loader, backbone, labels, False)
+
+
+def _from_spec(backbone: Backbone, causal_lm: bool, student_labels: list[str] | None) -> Teacher:
+    loader, _ = backbone.resolve()
+    if causal_lm:
+        return Teacher(backbone.load_causal_lm(), loader, backbone, None, True)
+    log.warning(
+        "Distillation: teacher %s has no labels of its own; its head is the checkpoint's only where that "
+        "head was trained for these %d classes (else it is new and random). Distil from a fine-tuned run "
+        "or export folder.",
+        backbone.name,
+        len(student_labels or ()),
+    )
+    return Teacher(backbone.load_classifier(student_labels or []).model, loader, backbone, None, False)
+
+
+def check_labels(teacher: Teacher, student_labels: list[str]) -> None:
+    """RecipeError unless the teacher's classes are the student's, in the same order."""
+    if teacher.labels is None or teacher.labels == student_labels:
+        return
+    if len(teacher.labels) != len(student_labels):
+        raise RecipeError(
+            TEACHER_KEY,
+            f"the teacher has {len(teacher.labels)} classes {teacher.labels} but the student (model.labels / "
+            f"data.labels) has {len(student_labels)} {student_labels}; distil from a teacher trained on the "
+            "same classes",
+        )
+    raise RecipeError(
+        TEACHER_KEY,
+        f"the teacher's classes {teacher.labels} differ from the student's (model.labels / data.labels) "
+        f"{student_labels}; set data.labels to the teacher's order, or use a teacher trained on these classes",
+    )
+
+
+def check_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """RecipeError unless both tokenizers map the same tokens to the same ids."""
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab == student_vocab:
+        return
+    differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda item: item[1])
+    example = ", ".join(repr(token) for token, _ in differing[:3])
+    raise RecipeError(
+        TEACHER_KEY,
+        f"the teacher's tokenizer ({len(teacher_vocab)} tokens) differs from the student's model.backbone "
+        f"tokenizer ({len(student_vocab)} tokens), e.g. at {example}; distillation on token ids needs one "
+        "tokenizer: pick a teacher and student of one model family",
+    )
