@@ -28,7 +28,9 @@ STEPS, BATCH, LENGTH, LR = 64, 16, 64, 1e-4
 def save_model(directory: Path) -> None:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(995)]]
     BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(directory)
-    config = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+    config = BertConfig(
+        vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512
+    )
     BertModel(config).save_pretrained(directory)
 
 

@@ -17,7 +17,12 @@ def tiny_hf_vit_dir(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("tiny-hf-vit")
     config = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
     )
     torch.manual_seed(0)
     ViTModel(config, add_pooling_layer=False).save_pretrained(directory)
@@ -29,7 +34,9 @@ def test_timm_checkpoint_weights_are_loaded_and_the_head_replaced(tiny_timm_chec
     from safetensors.torch import load_file
 
     saved = load_file(tiny_timm_checkpoint)
-    classifier = Backbone(name="timm:test_vit", checkpoint=str(tiny_timm_checkpoint)).load_classifier(["a", "b"])
+    classifier = Backbone(name="timm:test_vit", checkpoint=str(tiny_timm_checkpoint)).load_classifier(
+        ["a", "b"]
+    )
     loaded = classifier.model.state_dict()
     assert classifier.head == ("head",)
     assert loaded["head.weight"].shape == (2, saved["head.weight"].shape[1])
@@ -85,7 +92,9 @@ def test_pkg_scheme_points_inside_an_installed_package():
 
 def test_hub_failures_become_one_recipe_error():
     # HF_HUB_OFFLINE is set by the test suite: the hub is never contacted.
-    with pytest.raises(RecipeError, match=r"model.backbone: could not load the config of 'org/model'.*HF_HUB_OFFLINE"):
+    with pytest.raises(
+        RecipeError, match=r"model.backbone: could not load the config of 'org/model'.*HF_HUB_OFFLINE"
+    ):
         Backbone(name="hf:org/model").load_classifier(["a", "b"])
 
 
