@@ -6,8 +6,7 @@ so ``import finetune`` stays fast.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from finetune._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -43,11 +42,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'finetune' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

@@ -7,9 +7,7 @@ objects. Heavy modules load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from finetune._lazy import lazy_attributes
 from finetune.optim.config import OptimizerConfig, ParamGroup, ScheduleConfig
 
 _LAZY = {
@@ -26,7 +24,4 @@ _LAZY = {
 __all__ = ["OptimizerConfig", "ParamGroup", "ScheduleConfig", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'finetune.optim' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
