@@ -69,6 +69,7 @@ class Timer(pl.Callback):
 
 
 def finetune_trainer(directory: Path, data: list[dict[str, torch.Tensor]]) -> float:
+    """``directory`` holds the model and receives the run plan that ``ParameterReport`` writes."""
     task = ClassificationTask(str(directory), labels=["a", "b"], optimizer=OptimizerConfig(lr=LR))
     timer = Timer()
     trainer = pl.Trainer(
@@ -78,6 +79,7 @@ def finetune_trainer(directory: Path, data: list[dict[str, torch.Tensor]]) -> fl
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=directory,
         callbacks=[ParameterReport(), RestoreRNG(), timer],
     )
     with_index = [b | {"index": torch.arange(BATCH)} for b in data]
