@@ -73,7 +73,7 @@ def blocks_table(trainer: pl.Trainer, module: pl.LightningModule) -> str:
             level_label(layout, level),
             f"{trainable:,}",
             f"{frozen:,}",
-            opens.get(level_label(layout, level), "start"),
+            opens.get(level_label(layout, level), "start" if trainable else "never (frozen)"),
         ]
         for level, (trainable, frozen) in sorted(counts.items())
     ]

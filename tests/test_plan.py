@@ -84,3 +84,16 @@ def test_memory_estimate_counts_and_leaves_no_trace():
     assert estimate.gradients == trainable * 4
     assert estimate.optimizer_state == trainable * 8
     assert estimate_memory(model, "bf16-true", 8.0, None).weights == estimate.weights // 2
+
+
+def test_plan_marks_frozen_blocks_as_never_training(tiny_bert_dir, text_csv, tmp_path, caplog):
+    recipe = text_recipe(tiny_bert_dir, text_csv, tmp_path / "runs")
+    recipe["model"]["init_args"]["strategy"] = "freeze"
+    path = write(recipe, tmp_path / "freeze.yaml")
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert main(["plan", str(path)]) == 0
+    rows = {
+        line.split()[0]: line for line in caplog.text.splitlines() if line.startswith(("embeddings", "head "))
+    }
+    assert rows["embeddings"].rstrip().endswith("never (frozen)")
+    assert rows["head"].rstrip().endswith("start")
