@@ -16,6 +16,7 @@ import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from tiny_models import save_llama  # noqa: E402
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "okay", "movie", "food", "day", "very", "not"]
 POSITIVE = {"good", "great", "fine"}
@@ -144,23 +145,5 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
     64 wide because bitsandbytes quantises in blocks of 64 values.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     directory = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = make_lm_tokenizer(directory)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return save_llama(directory, make_lm_tokenizer(directory), hidden=64, layers=2, seed=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_models import save_llama
 
 LABELS = ["negative", "positive"]
 
@@ -54,24 +55,7 @@ def three_class_teacher(tiny_bert_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_teacher(tiny_llama_dir, tmp_path_factory) -> Path:
     """A 3-layer, 96-wide random Llama with the tiny Llama's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    directory = tmp_path_factory.mktemp("llama-teacher")
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    tokenizer.save_pretrained(directory)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=96,
-        intermediate_size=192,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(2)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return save_llama(tmp_path_factory.mktemp("llama-teacher"), tokenizer, hidden=96, layers=3, seed=2)
