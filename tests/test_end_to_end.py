@@ -138,3 +138,17 @@ def test_ddp_on_two_cpu_processes(tiny_bert_dir, text_csv, tmp_path):
     run = run_dir(tmp_path / "runs", "ddp")
     assert (run / "export" / "model.safetensors").is_file()
     assert "test/acc" in pd.read_csv(run / "metrics.csv").columns
+
+    # Predict 7 unlabelled rows on 2 processes: the sampler pads to 8; the file must hold each row once.
+    rows = pd.DataFrame({"text": ["good movie", "bad day", "great food", "awful", "fine day", "poor", "okay"]})
+    rows.to_csv(tmp_path / "unlabelled.csv", index=False)
+    predict = [
+        sys.executable, "-m", "finetune", "predict", "--config", str(path),
+        f"--data.init_args.predict={tmp_path / 'unlabelled.csv'}",
+        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    ]  # fmt: skip
+    result = subprocess.run(predict, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = pd.read_csv(run_dir(tmp_path / "runs", "ddp", 1) / "predictions.csv")
+    assert predictions["text"].tolist() == rows["text"].tolist()
+    assert set(predictions["prediction"]) <= {"negative", "positive"}

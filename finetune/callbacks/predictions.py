@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from finetune.callbacks.rundir import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +18,8 @@ class PredictionWriter(BasePredictionWriter):
     """Writes the predicted label and class probabilities per row.
 
     Needs ``predict_step`` outputs ``{"index", "probabilities"}`` and the datamodule's ``predict_table()``;
-    the module's ``labels`` name the columns.
+    the module's ``labels`` name the columns. Under DDP every rank predicts a share: the shares are
+    gathered and rank 0 writes one file, each row once.
     """
 
     def __init__(self, filename: str = "predictions.csv") -> None:
@@ -27,14 +29,43 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
-        index = torch.cat([p["index"] for p in predictions]).cpu()
-        probabilities = torch.cat([p["probabilities"] for p in predictions]).float().cpu()
+        index = torch.cat([p["index"] for p in predictions])
+        probabilities = torch.cat([p["probabilities"] for p in predictions]).float()
+        if trainer.world_size > 1:
+            index, probabilities = _gather(pl_module, index, probabilities)
+        if not trainer.is_global_zero:
+            return
+        index, first = _first_occurrences(index.cpu())
+        probabilities = probabilities.cpu()[first]
         table = trainer.datamodule.predict_table().iloc[index.numpy()].reset_index(drop=True)
         labels = list(pl_module.labels)
         table["prediction"] = [labels[i] for i in probabilities.argmax(-1).tolist()]
         for i, label in enumerate(labels):
             table[f"p_{label}"] = probabilities[:, i].numpy()
-        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        path = run_dir(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(path, index=False)
         log.info("Wrote %d predictions to %s", len(table), path)
+
+
+def _gather(
+    pl_module: pl.LightningModule, index: torch.Tensor, probabilities: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's predictions; shares may differ in size, so each is padded (index -1) to the largest."""
+    size = int(pl_module.all_gather(torch.tensor(len(index), device=index.device)).max())
+    padding = size - len(index)
+    index = torch.cat([index, index.new_full((padding,), -1)])
+    probabilities = torch.cat([probabilities, probabilities.new_zeros(padding, probabilities.shape[1])])
+    index = pl_module.all_gather(index).flatten()
+    probabilities = pl_module.all_gather(probabilities).flatten(0, 1)
+    real = index >= 0
+    return index[real], probabilities[real]
+
+
+def _first_occurrences(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct row indices in ascending order, and where each first occurs in ``index``."""
+    order = torch.argsort(index, stable=True)
+    ordered = index[order]
+    keep = torch.ones_like(ordered, dtype=torch.bool)
+    keep[1:] = ordered[1:] != ordered[:-1]
+    return ordered[keep], order[keep]
