@@ -30,12 +30,10 @@ class FinetuneCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--optimizer", type=OptimizerConfig, default=OptimizerConfig(), help="Optimizer and LR groups."
-        )
-        parser.add_argument(
-            "--lr_scheduler", type=ScheduleConfig, default=ScheduleConfig(), help="LR schedule per step."
-        )
+        for section, config in SECTIONS.items():
+            parser.add_argument(
+                f"--{section}", type=config, default=config(), help=config.__doc__.splitlines()[0]
+            )
         parser.link_arguments("optimizer", "model.init_args.optimizer")
         parser.link_arguments("lr_scheduler", "model.init_args.lr_scheduler")
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
@@ -102,6 +100,9 @@ class FinetuneCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
+# Top-level recipe sections of our own, typed by a finetune config class (not a torch class_path).
+SECTIONS = {"optimizer": OptimizerConfig, "lr_scheduler": ScheduleConfig}
+_DISABLED_SUBCLASS = re.compile(r"Subclasses are disabled for (\w+), thus '([^']+)'")
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 _CLASS_PATH = re.compile(r"class_path '([^']+)'")
 _UNKNOWN = re.compile(r"Option '([^']+)' is not accepted|No action for key \"([^\"]+)\"")
@@ -112,6 +113,13 @@ def explain_parse_error(text: str) -> RecipeError:
     keys: list[str] = []
     class_path = expected = given = None
     for line in (raw.strip().lstrip("- ") for raw in text.splitlines()):
+        disabled = _DISABLED_SUBCLASS.search(line)
+        section = next((k for k, c in SECTIONS.items() if disabled and c.__name__ == disabled.group(1)), None)
+        if section:
+            return RecipeError(
+                section,
+                f"give its keys directly (e.g. {section}: {{name: ...}}), not class_path {disabled.group(2)!r}",
+            )
         keys += [k for k in _PARSER_KEY.findall(line) if not keys or k != keys[-1]]
         class_path = next(iter(_CLASS_PATH.findall(line)), class_path)  # the innermost class wins
         unknown = _UNKNOWN.search(line)
