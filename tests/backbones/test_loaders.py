@@ -120,3 +120,12 @@ def test_trust_remote_code_is_off_unless_asked(tiny_bert_dir, monkeypatch):
     assert seen["trust_remote_code"] is False
     Backbone(name=str(tiny_bert_dir), trust_remote_code=True).load_classifier(["a", "b"])
     assert seen["trust_remote_code"] is True
+
+
+def test_timm_pth_checkpoint_loads_too(tiny_timm_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    saved = load_file(tiny_timm_checkpoint)
+    torch.save(saved, tmp_path / "weights.pth")
+    model = Backbone(name="timm:test_vit", checkpoint=str(tmp_path / "weights.pth")).load_classifier(["a"]).model
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])
