@@ -131,6 +131,8 @@ def test_unseen_validation_label(recipe, tiny_bert_dir, text_csv, tmp_path, caps
 
 
 def test_torch_class_path_in_an_optimizer_section(recipe, capsys):
-    code, err = run([recipe(optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}})], capsys)
+    code, err = run(
+        [recipe(optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}})], capsys
+    )
     assert code == 2
     assert "not class_path 'torch.optim.AdamW'" in one_line_error(err, "optimizer")

@@ -140,7 +140,9 @@ def test_ddp_on_two_cpu_processes(tiny_bert_dir, text_csv, tmp_path):
     assert "test/acc" in pd.read_csv(run / "metrics.csv").columns
 
     # Predict 7 unlabelled rows on 2 processes: the sampler pads to 8; the file must hold each row once.
-    rows = pd.DataFrame({"text": ["good movie", "bad day", "great food", "awful", "fine day", "poor", "okay"]})
+    rows = pd.DataFrame(
+        {"text": ["good movie", "bad day", "great food", "awful", "fine day", "poor", "okay"]}
+    )
     rows.to_csv(tmp_path / "unlabelled.csv", index=False)
     predict = [
         sys.executable, "-m", "finetune", "predict", "--config", str(path),

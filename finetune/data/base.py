@@ -380,17 +380,24 @@ class ClassificationData(pl.LightningDataModule, ABC):
     def _loader(
         self, dataset: RowDataset, batch_size: int, sampler: Sampler[int] | None = None
     ) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=dataset.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # Its own generator: creating an iterator then draws no number from the global RNG, so a
-            # resumed run (which creates them at other moments) keeps the same dropout masks.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return make_loader(dataset, batch_size, self.num_workers, self.seed, sampler)
+
+
+def make_loader(
+    dataset: Any, batch_size: int, num_workers: int, seed: int, sampler: Sampler[int] | None = None
+) -> DataLoader:
+    """The DataLoader every finetune data module uses; ``dataset.collate`` makes its batches."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=dataset.collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        # Its own generator: creating an iterator then draws no number from the global RNG, so a
+        # resumed run (which creates them at other moments) keeps the same dropout masks.
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _require(condition: bool, key: str, message: str) -> None:

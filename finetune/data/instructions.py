@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from finetune.backbones.base import Backbone
-from finetune.data.base import EpochShuffleSampler
+from finetune.data.base import EpochShuffleSampler, make_loader
 from finetune.errors import RecipeError
 from finetune.paths import resolve_path
 
@@ -277,11 +277,4 @@ class InstructionData(pl.LightningDataModule):
         return self._loader(dataset, self.eval_batch_size) if len(dataset) else []
 
     def _loader(self, dataset: TokenRows, batch_size: int, sampler: Any = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=dataset.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(dataset, batch_size, self.num_workers, self.seed, sampler)

@@ -127,5 +127,7 @@ def test_timm_pth_checkpoint_loads_too(tiny_timm_checkpoint, tmp_path):
 
     saved = load_file(tiny_timm_checkpoint)
     torch.save(saved, tmp_path / "weights.pth")
-    model = Backbone(name="timm:test_vit", checkpoint=str(tmp_path / "weights.pth")).load_classifier(["a"]).model
+    model = (
+        Backbone(name="timm:test_vit", checkpoint=str(tmp_path / "weights.pth")).load_classifier(["a"]).model
+    )
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])

@@ -93,3 +93,18 @@ def test_bad_instruction_files(tiny_llama_dir, tmp_path):
         data(tiny_llama_dir, tmp_path / "broken.jsonl")[0].train_dataloader()
     with pytest.raises(RecipeError, match=r"data.max_length"):
         InstructionData(train="x", max_length=1)
+
+
+def test_loaders_draw_nothing_from_the_global_rng(tiny_llama_dir, tmp_path):
+    # A resumed run creates loader iterators at other moments than an uninterrupted one; if creating them
+    # drew from the global RNG, the resumed run would get other dropout masks.
+    import torch
+
+    module = InstructionData(
+        train=str(write_jsonl(tmp_path / "c.jsonl", ROWS * 4)), backbone=str(tiny_llama_dir)
+    )
+    module.setup("fit")
+    for loader in (module.train_dataloader(), module.val_dataloader()):
+        before = torch.get_rng_state()
+        next(iter(loader))
+        assert torch.equal(torch.get_rng_state(), before)
