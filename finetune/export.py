@@ -7,7 +7,10 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune.tasks import ClassificationTask, FinetuneTask, SFTTask
 
 
 def write_atomically(directory: Path, write: Any) -> Path:
@@ -25,26 +28,32 @@ def write_atomically(directory: Path, write: Any) -> Path:
     return directory
 
 
-def merged_model(task: Any) -> Any:
+def merged_model(task: FinetuneTask) -> Any:
     """A copy of ``task.model`` with its adapters merged into plain weights, in the dtype the strategy
     loads weights in (a quantised base is dequantised first); ``task.model`` is left as it is."""
     import torch
 
-    from finetune.adapters import merged_copy
+    from finetune.strategies import AdapterStrategy
+    from finetune.strategies.adapters import merged_copy
 
-    dtype = task.strategy.load_options().get("dtype", torch.float32)
+    strategy = task.strategy
+    if not isinstance(strategy, AdapterStrategy):
+        raise TypeError(f"{type(strategy).__name__} adds no adapters; there is nothing to merge")
+    dtype = strategy.load_options().get("dtype", torch.float32)
 
     def unquantised_twin() -> Any:
         model = task.load_backbone({"dtype": dtype})
-        task.strategy.inject(model, task.layout)
+        strategy.inject(model, task.layout)
         return model
 
     return merged_copy(task.model, unquantised_twin, dtype)
 
 
-def write_model(task: Any, target: Path, merge: bool, save_plain: Callable[[Any, Path], None]) -> None:
+def write_model(
+    task: FinetuneTask, target: Path, merge: bool, save_plain: Callable[[Any, Path], None]
+) -> None:
     """Adapters alone in peft's format (``merge`` false), or ``save_plain(model, target)`` of a plain model."""
-    from finetune.adapters import has_adapters, save_adapter
+    from finetune.strategies.adapters import has_adapters, save_adapter
 
     if not has_adapters(task.model):
         save_plain(task.model, target)
@@ -54,7 +63,7 @@ def write_model(task: Any, target: Path, merge: bool, save_plain: Callable[[Any,
         save_adapter(task.model, target, base_model=task.backbone.name)
 
 
-def export_classifier(task: Any, directory: Path, merge: bool = False) -> Path:
+def export_classifier(task: ClassificationTask, directory: Path, merge: bool = False) -> Path:
     """Export ``task.model`` (HF ``save_pretrained`` folder or timm ``config.json`` + safetensors, or the
     adapters alone) and its labels."""
 
@@ -68,7 +77,7 @@ def export_classifier(task: Any, directory: Path, merge: bool = False) -> Path:
     return write_atomically(directory, write)
 
 
-def export_causal_lm(task: Any, directory: Path, merge: bool = False) -> Path:
+def export_causal_lm(task: SFTTask, directory: Path, merge: bool = False) -> Path:
     """Export a causal LM as a Hugging Face folder (safetensors) with its tokenizer, or the adapters alone."""
 
     def save_plain(model: Any, target: Path) -> None:

@@ -86,13 +86,3 @@ def estimate_memory(
     # Optimizer state is kept in the parameters' dtype (fp32 unless the precision is "true" half).
     state = state_bytes_per_element * (0.5 if half is not None else 1.0)
     return MemoryEstimate(weights, gradients, int(trainable * state), activations)
-
-
-def human(size: int | None) -> str:
-    if size is None:
-        return "unknown"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"

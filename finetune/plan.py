@@ -1,26 +1,21 @@
 """The run plan: what trains at what LR, the schedule, and the memory it needs — before the first step.
 
-``run_plan(trainer, module)`` renders it once the optimizer exists (``on_fit_start``); ``ParameterReport``
-logs it at the start of every run and saves ``<run>/plan.txt``; ``python -m finetune plan RECIPE.yaml``
-(``main``) builds the model and optimizer from a recipe, prints the plan and stops.
+``run_plan(trainer, module)`` renders it once the optimizer exists (``on_fit_start``). ``ParameterReport``
+logs it at the start of every run and saves ``<run>/plan.txt``; the ``plan`` command prints it and stops.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from finetune.callbacks.table import table
-from finetune.errors import RecipeError
-from finetune.memory import activation_bytes, estimate_memory, human
+from finetune.display import human, table
+from finetune.memory import activation_bytes, estimate_memory
 
 log = logging.getLogger(__name__)
-
-USAGE = "python -m finetune plan RECIPE.yaml [--section.key=value ...]"
 
 
 def run_plan(trainer: pl.Trainer, module: pl.LightningModule) -> str:
@@ -178,44 +173,3 @@ def _probe_activations(trainer: pl.Trainer, module: pl.LightningModule, precisio
     except (TypeError, RuntimeError, ValueError, KeyError, StopIteration) as error:
         log.debug("activation probe failed: %s", error)
         return None
-
-
-class _PlanReady(Exception):
-    """Stops ``fit`` right after setup: the plan is known."""
-
-
-class _PlanProbe(pl.Callback):
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.text = run_plan(trainer, pl_module)
-        raise _PlanReady
-
-
-def main(argv: list[str]) -> int:
-    """``python -m finetune plan RECIPE.yaml``: build model and optimizer, log the plan, train nothing."""
-    if not argv or not argv[0].endswith((".yaml", ".yml")):
-        raise RecipeError("plan", f"give a recipe: {USAGE}")
-    if not Path(argv[0]).is_file():
-        raise RecipeError("--config", f"recipe file {argv[0]} does not exist")
-    from lightning.pytorch.cli import SaveConfigCallback
-
-    from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter
-    from finetune.lightning_cli import run_cli
-
-    overrides = [
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.devices=1",
-        "--trainer.strategy=auto",
-        "--trainer.num_sanity_val_steps=0",
-    ]
-    cli = run_cli(["--config", argv[0], *argv[1:], *overrides], run=False)
-    probe = _PlanProbe()
-    # Nothing is written: no run folder, config copy, checkpoint or export.
-    reporting = (ExportModel, MetricsReport, ParameterReport, PredictionWriter, SaveConfigCallback)
-    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, reporting)] + [probe]
-    try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    except _PlanReady:
-        pass
-    log.info("Run plan for %s (per device)\n\n%s", argv[0], probe.text)
-    return 0

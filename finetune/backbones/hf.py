@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, PixelStatistics, check_feature
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, first_line
 
 HUB_HINT = "pass a local folder, or download it once and set HF_HUB_OFFLINE=1"
 
@@ -23,8 +23,9 @@ def _reading(source: str, what: str, load: Callable[[], Any]) -> Any:
     try:
         return load()
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RecipeError(KEY, f"could not load the {what} of {source!r} ({first}); {HUB_HINT}") from error
+        raise RecipeError(
+            KEY, f"could not load the {what} of {source!r} ({first_line(error)}); {HUB_HINT}"
+        ) from error
 
 
 class HFLoader:

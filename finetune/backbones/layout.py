@@ -31,15 +31,16 @@ class Layout:
     def block_index(self, name: str) -> int | None:
         """Index of the block holding parameter or module ``name``, or None outside every block."""
         for i, block in enumerate(self.blocks):
-            if any(_within(name, module) for module in block):
+            if any(within(name, module) for module in block):
                 return i
         return None
 
     def in_head(self, name: str) -> bool:
-        return any(_within(name, head) for head in self.head)
+        return any(within(name, head) for head in self.head)
 
 
-def _within(name: str, prefix: str) -> bool:
+def within(name: str, prefix: str) -> bool:
+    """True when module or parameter ``name`` is ``prefix`` or lies under it (``a.b`` is within ``a``)."""
     return name == prefix or name.startswith(prefix + ".")
 
 
@@ -58,10 +59,10 @@ def structural_blocks(model: nn.Module, exclude: tuple[str, ...] = ()) -> tuple[
     """Names of the repeated blocks of ``model`` in forward order; modules under ``exclude`` are ignored."""
     instances: dict[type, list[tuple[str, int]]] = defaultdict(list)
     for name, module in model.named_modules():
-        if not name or any(_within(name, skip) for skip in exclude) or not _is_composite(module):
+        if not name or any(within(name, skip) for skip in exclude) or not _is_composite(module):
             continue
         outer = instances[type(module)]
-        if outer and _within(name, outer[-1][0]):
+        if outer and within(name, outer[-1][0]):
             continue  # nested inside an instance of its own class: the outer one already counts
         outer.append((name, _n_params(module)))
 
@@ -84,7 +85,7 @@ def _owners(group: list[str], every: list[str]) -> tuple[str, ...]:
         parts = name.split(".")
         for depth in range(1, len(parts) + 1):
             prefix = ".".join(parts[:depth])
-            if all(other in inside for other in every if _within(other, prefix)):
+            if all(other in inside for other in every if within(other, prefix)):
                 owners[prefix] = None
                 break
     return tuple(owners)
@@ -92,7 +93,7 @@ def _owners(group: list[str], every: list[str]) -> tuple[str, ...]:
 
 def timm_blocks(model: nn.Module, exclude: tuple[str, ...] = ()) -> tuple[tuple[str, ...], ...]:
     """timm's own fine-grained groups, minus the stem (first) group and the head; empty if unsupported."""
-    from timm.models._manipulate import group_parameters
+    from timm.models import group_parameters
 
     if not hasattr(model, "group_matcher"):
         return ()
@@ -103,7 +104,7 @@ def timm_blocks(model: nn.Module, exclude: tuple[str, ...] = ()) -> tuple[tuple[
     every = [name for name, _ in model.named_parameters()]
     blocks = []
     for names in groups[1:]:
-        kept = [name for name in names if not any(_within(name, skip) for skip in exclude)]
+        kept = [name for name in names if not any(within(name, skip) for skip in exclude)]
         if kept:
             blocks.append(_owners(kept, every))
     return tuple(blocks)

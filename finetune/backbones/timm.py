@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, PixelStatistics, check_feature
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, first_line
 from finetune.paths import resolve_path
 
 
@@ -44,9 +44,9 @@ class TimmLoader:
         try:
             return timm.create_model(name, **kwargs)
         except (OSError, RuntimeError) as error:
-            first = str(error).strip().splitlines()[0]
             raise RecipeError(
-                KEY, f"could not load timm weights for {source!r} ({first}); give `checkpoint:` a local file"
+                KEY,
+                f"could not load timm weights for {source!r} ({first_line(error)}); give `checkpoint:` a local file",
             ) from error
 
     def load_classifier(

@@ -1,16 +1,40 @@
-"""Callbacks anyone can add to their own ``Trainer``."""
+"""Callbacks anyone can add to their own ``Trainer``.
 
-from finetune.callbacks.accumulation import ScheduledAccumulation
-from finetune.callbacks.distillation import Distillation
-from finetune.callbacks.export import ExportModel
-from finetune.callbacks.predictions import PredictionWriter
-from finetune.callbacks.report import MetricsReport, ParameterReport
-from finetune.callbacks.rng import RestoreRNG
-from finetune.callbacks.unfreeze import GradualUnfreezing
+Attributes are imported on first access (``finetune.callbacks.GradualUnfreezing``), so importing the
+package costs nothing until a callback is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from finetune._lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from finetune.callbacks.accumulation import ScheduledAccumulation
+    from finetune.callbacks.export import ExportModel
+    from finetune.callbacks.predictions import PredictionWriter
+    from finetune.callbacks.report import MetricsReport, ParameterReport
+    from finetune.callbacks.rng import RestoreRNG
+    from finetune.callbacks.unfreeze import GradualUnfreezing
+    from finetune.distill import Distillation, FeatureMatch
+
+_HOMES = {
+    "Distillation": "finetune.distill",
+    "ExportModel": "finetune.callbacks.export",
+    "FeatureMatch": "finetune.distill",
+    "GradualUnfreezing": "finetune.callbacks.unfreeze",
+    "MetricsReport": "finetune.callbacks.report",
+    "ParameterReport": "finetune.callbacks.report",
+    "PredictionWriter": "finetune.callbacks.predictions",
+    "RestoreRNG": "finetune.callbacks.rng",
+    "ScheduledAccumulation": "finetune.callbacks.accumulation",
+}
 
 __all__ = [
     "Distillation",
     "ExportModel",
+    "FeatureMatch",
     "GradualUnfreezing",
     "MetricsReport",
     "ParameterReport",
@@ -18,3 +42,6 @@ __all__ = [
     "RestoreRNG",
     "ScheduledAccumulation",
 ]
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from typing_extensions import override
 
 from finetune.errors import RecipeError
 
@@ -52,6 +53,7 @@ class ScheduledAccumulation(pl.Callback):
                 factor = value
         return factor
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.strategy.handles_gradient_accumulation:
             raise RecipeError(
@@ -65,13 +67,16 @@ class ScheduledAccumulation(pl.Callback):
         if not pl_module.automatic_optimization:
             raise RecipeError(KEY, "needs automatic optimization; accumulate by hand in manual optimization")
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.accumulate_grad_batches = self.factor  # the restored factor after a resume
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.interval == "epoch":
             self.factor = trainer.accumulate_grad_batches = self.factor_at(trainer.current_epoch)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -109,8 +114,10 @@ class ScheduledAccumulation(pl.Callback):
             epoch += 1
         return steps if max_steps < 0 else min(steps, max_steps)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"factor": self.factor}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.factor = int(state_dict["factor"])

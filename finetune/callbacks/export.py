@@ -6,8 +6,9 @@ import logging
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
-from finetune.callbacks.rundir import run_dir
+from finetune import runs
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,11 @@ class ExportModel(pl.Callback):
     (every ``finetune`` task does; adapter runs export the adapters alone, see ``python -m finetune export``).
     """
 
-    def __init__(self, dirname: str = "export", use_best: bool = True) -> None:
+    def __init__(self, dirname: str = runs.EXPORT, use_best: bool = True) -> None:
         self.dirname = dirname
         self.use_best = use_best
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if self.use_best and best:
@@ -31,6 +33,6 @@ class ExportModel(pl.Callback):
             pl_module.load_weights(state)
             log.info("Loaded the best checkpoint %s for export", best)
         if trainer.is_global_zero:
-            directory = pl_module.export(run_dir(trainer) / self.dirname)
+            directory = pl_module.export(runs.run_dir(trainer) / self.dirname)
             log.info("Exported the model to %s", directory)
         trainer.strategy.barrier("export")

@@ -8,8 +8,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from typing_extensions import override
 
-from finetune.callbacks.rundir import run_dir
+from finetune import runs
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,11 @@ class PredictionWriter(BasePredictionWriter):
     gathered and rank 0 writes one file, each row once.
     """
 
-    def __init__(self, filename: str = "predictions.csv") -> None:
+    def __init__(self, filename: str = runs.PREDICTIONS) -> None:
         super().__init__(write_interval="epoch")
         self.filename = filename
 
+    @override
     def write_on_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
@@ -42,7 +44,7 @@ class PredictionWriter(BasePredictionWriter):
         table["prediction"] = [labels[i] for i in probabilities.argmax(-1).tolist()]
         for i, label in enumerate(labels):
             table[f"p_{label}"] = probabilities[:, i].numpy()
-        path = run_dir(trainer) / self.filename
+        path = runs.run_dir(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(path, index=False)
         log.info("Wrote %d predictions to %s", len(table), path)

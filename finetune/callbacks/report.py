@@ -7,10 +7,12 @@ from collections import defaultdict
 
 import lightning.pytorch as pl
 from torch import nn
+from typing_extensions import override
 
-from finetune.adapters import adapter_summary, adapter_targets, has_adapters
-from finetune.callbacks.rundir import run_dir
-from finetune.callbacks.table import table
+from finetune import runs
+from finetune.display import table
+from finetune.plan import run_plan
+from finetune.strategies.adapters import adapter_summary, adapter_targets, has_adapters
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +68,17 @@ class ParameterReport(pl.Callback):
     def __init__(self, depth: int = 3) -> None:
         self.depth = depth
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from finetune.plan import run_plan
-
         if not trainer.is_global_zero:
             return
         plan = run_plan(trainer, pl_module)
         adapters = adapter_line(pl_module)
         plan = f"{plan}\n{adapters}" if adapters else plan
         log.info("Run plan (per device):\n\n%s", plan)
-        _write(trainer, "plan.txt", plan)
+        _write(trainer, runs.PLAN, plan)
         table = parameter_table(pl_module, trainer.optimizers, self.depth)
-        _write(trainer, "parameters.txt", f"{table}\n{adapters}" if adapters else table)
+        _write(trainer, runs.PARAMETERS, f"{table}\n{adapters}" if adapters else table)
 
 
 class MetricsReport(pl.Callback):
@@ -89,16 +90,18 @@ class MetricsReport(pl.Callback):
             return
         text = table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()])
         log.info("Final metrics (%s):\n%s", stage, text)
-        _write(trainer, f"metrics_{stage}.txt", text)
+        _write(trainer, runs.metrics_file(stage), text)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, "fit")
 
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, "test")
 
 
 def _write(trainer: pl.Trainer, filename: str, text: str) -> None:
-    path = run_dir(trainer) / filename
+    path = runs.run_dir(trainer) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")

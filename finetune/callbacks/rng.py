@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from typing_extensions import override
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -42,12 +43,15 @@ class RestoreRNG(pl.Callback):
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"rng": collect_rng_states()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["rng"]
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending is not None:
             set_rng_states(self._pending)

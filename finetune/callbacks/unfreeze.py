@@ -7,9 +7,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from torch import nn
+from typing_extensions import override
 
 from finetune.errors import RecipeError
 from finetune.optim.schedules import GroupSchedule
+from finetune.strategies.base import BATCHNORMS
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class GradualUnfreezing(pl.Callback):
 
     # -- hooks -----------------------------------------------------------------------------------------
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         groups = [g for optimizer in trainer.optimizers for g in optimizer.param_groups]
         if not groups or any("level" not in g for g in groups):
@@ -107,6 +110,7 @@ class GradualUnfreezing(pl.Callback):
             "Gradual unfreezing: %d blocks to open, top-down: %s", len(self.order), ", ".join(self.order)
         )
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -116,9 +120,11 @@ class GradualUnfreezing(pl.Callback):
                 for module in self.batchnorms.get(block, ()):
                     module.eval()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"opened": dict(self.opened)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.opened = dict(state_dict["opened"])
 
@@ -183,7 +189,7 @@ def _batchnorms_by_block(
     }
     found: dict[str, list[nn.Module]] = {}
     for module in pl_module.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+        if isinstance(module, BATCHNORMS) and module.weight is not None:
             block = owner.get(id(module.weight))
             if block is not None:
                 found.setdefault(block, []).append(module)

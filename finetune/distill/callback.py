@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
+from typing_extensions import override
 
 from finetune.backbones import Backbone
 from finetune.backbones.base import check_feature
 from finetune.distill.cache import TeacherCache, augmenting_steps
 from finetune.distill.losses import KEY, FeatureKD, FeatureMatch, LogitKD, TeacherOutputs
 from finetune.distill.teacher import PixelAdapter, Teacher, check_labels, check_vocabulary, load_teacher
+from finetune.dtypes import DtypeName
 from finetune.errors import RecipeError
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class Distillation(pl.Callback):
         alpha: float = 0.5,
         temperature: float = 2.0,
         features: list[FeatureMatch] | None = None,
-        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        teacher_dtype: DtypeName | None = None,
         cache_teacher: bool = False,
     ) -> None:
         if not 0 <= alpha <= 1:
@@ -82,6 +84,7 @@ class Distillation(pl.Callback):
 
     # -- hooks -----------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -108,20 +111,24 @@ class Distillation(pl.Callback):
             f", features {[(m.student, m.teacher) for m in self.features]}" if self.features else "",
         )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teacher.model.to(pl_module.device)
         self.teacher.freeze()
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._step = self.teacher_outputs(batch, pl_module)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._step = None
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -130,10 +137,12 @@ class Distillation(pl.Callback):
         self.terms = []
         self.teacher = None  # free its memory; a new fit loads it again
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # The teacher is not saved (it is loaded from its source); the cache is recomputed after a resume.
         return {"teacher": str(self.source)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("teacher") != str(self.source):
             log.warning(

@@ -14,18 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune import runs
 from finetune.backbones import Backbone, BackboneLoader
 from finetune.backbones.base import PixelStatistics
 from finetune.backbones.hf import hidden_features
+from finetune.batch import model_inputs
 from finetune.distill.losses import KEY, TeacherOutputs
+from finetune.dtypes import DTYPES
 from finetune.errors import RecipeError
 from finetune.paths import is_local_path, resolve_path
 
 log = logging.getLogger(__name__)
 
 TEACHER_KEY = f"{KEY}.teacher"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NOT_MODEL_INPUTS = ("labels", "index")
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Teacher:
             output = self.model(**inputs, use_cache=False, output_hidden_states=bool(names))
             features = hidden_features(output.hidden_states, inputs.get("attention_mask"), names)
             return TeacherOutputs(output.logits, features)
-        inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
+        inputs = model_inputs(batch)
         if "pixel_values" in inputs and self.pixels is not None:
             inputs["pixel_values"] = self.pixels(inputs["pixel_values"])
         inputs = {key: self._cast(value) for key, value in inputs.items()}
@@ -109,7 +110,7 @@ def load_teacher(
     ``student_labels``."""
     if isinstance(source, str) and is_local_path(source):
         path = resolve_path(source, TEACHER_KEY)
-        if (path / "config.yaml").is_file():
+        if (path / runs.CONFIG).is_file():
             teacher = _from_run(path, causal_lm)
         else:
             teacher = _from_folder(path, causal_lm, student_labels)
@@ -121,10 +122,8 @@ def load_teacher(
 
 
 def _from_run(path: Path, causal_lm: bool) -> Teacher:
-    from finetune.export_run import load_run
-
     try:
-        task = load_run(path)
+        task = runs.load_run(path)
     except RecipeError as error:
         raise RecipeError(TEACHER_KEY, error.message) from error
     if causal_lm != (not hasattr(task, "labels")):

@@ -9,15 +9,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, require
 
 OPTIMIZER_KEY = "optimizer"
 SCHEDULE_KEY = "lr_scheduler"
-
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise RecipeError(key, message)
 
 
 @dataclass
@@ -40,14 +35,14 @@ class ParamGroup:
 
     def __post_init__(self) -> None:
         key = f"{OPTIMIZER_KEY}.groups"
-        _check(self.syntax in ("regex", "glob"), key, f"syntax {self.syntax!r} is not 'regex' or 'glob'")
+        require(self.syntax in ("regex", "glob"), key, f"syntax {self.syntax!r} is not 'regex' or 'glob'")
         if self.syntax == "regex":
             try:
                 re.compile(self.pattern)
             except re.error as error:
                 raise RecipeError(key, f"pattern {self.pattern!r} is not a valid regex ({error})") from None
-        _check(self.lr is None or self.lr >= 0, key, f"lr of {self.pattern!r} must be >= 0")
-        _check(
+        require(self.lr is None or self.lr >= 0, key, f"lr of {self.pattern!r} must be >= 0")
+        require(
             self.weight_decay is None or self.weight_decay >= 0,
             key,
             f"weight_decay of {self.pattern!r} must be >= 0",
@@ -90,14 +85,14 @@ class OptimizerConfig:
 
         OPTIMIZERS.get(self.name)  # unknown name: RecipeError listing the valid ones
         key = OPTIMIZER_KEY
-        _check(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(
+        require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(
             all(0 <= b < 1 for b in self.betas), f"{key}.betas", f"each must be in [0, 1), got {self.betas}"
         )
-        _check(self.momentum >= 0, f"{key}.momentum", f"must be >= 0, got {self.momentum}")
-        _check(not self.nesterov or self.momentum > 0, f"{key}.nesterov", "needs momentum > 0; set momentum")
-        _check(
+        require(self.momentum >= 0, f"{key}.momentum", f"must be >= 0, got {self.momentum}")
+        require(not self.nesterov or self.momentum > 0, f"{key}.nesterov", "needs momentum > 0; set momentum")
+        require(
             self.layer_decay is None or 0 < self.layer_decay <= 1,
             f"{key}.layer_decay",
             f"must be in (0, 1], got {self.layer_decay}",
@@ -138,24 +133,24 @@ class ScheduleConfig:
 
         SCHEDULES.get(self.name)
         key = SCHEDULE_KEY
-        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(
+        require(self.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(
             self.warmup_fraction is None or 0 <= self.warmup_fraction < 1,
             f"{key}.warmup_fraction",
             f"must be in [0, 1), got {self.warmup_fraction}",
         )
-        _check(
+        require(
             not (self.warmup_steps and self.warmup_fraction is not None),
             f"{key}.warmup_steps",
             "give warmup_steps or warmup_fraction, not both",
         )
-        _check(
+        require(
             0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
         )
-        _check(
+        require(
             self.start_lr_ratio is None or 0 <= self.start_lr_ratio <= 1,
             f"{key}.start_lr_ratio",
             f"must be in [0, 1], got {self.start_lr_ratio}",
         )
-        _check(0 < self.factor < 1, f"{key}.factor", f"must be in (0, 1), got {self.factor}")
-        _check(self.patience >= 0, f"{key}.patience", f"must be >= 0, got {self.patience}")
+        require(0 < self.factor < 1, f"{key}.factor", f"must be in (0, 1), got {self.factor}")
+        require(self.patience >= 0, f"{key}.patience", f"must be >= 0, got {self.patience}")

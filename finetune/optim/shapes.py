@@ -10,12 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from finetune.optim.config import SCHEDULE_KEY
 from finetune.registry import Registry
 
 if TYPE_CHECKING:
     from finetune.optim.config import ScheduleConfig
-
-SCHEDULE_KEY = "lr_scheduler"
 
 Decay = Callable[[float, float], float]  # (progress in [0, 1], floor) -> LR ratio
 

@@ -22,6 +22,7 @@ undoes Lightning's division by the accumulation factor and DDP's average over ra
 from __future__ import annotations
 
 import torch
+from typing_extensions import override
 
 from finetune.errors import RecipeError
 
@@ -37,6 +38,7 @@ class TokenNormalizedLoss:
         self._window_tokens = count if self._window_tokens is None else self._window_tokens + count
         return loss_sum
 
+    @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
         tokens, self._window_tokens = self._window_tokens, None
@@ -49,6 +51,7 @@ class TokenNormalizedLoss:
             if parameter.grad is not None:
                 parameter.grad.mul_(scale)
 
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self._trainer is not None and self.trainer.strategy.handles_gradient_accumulation:

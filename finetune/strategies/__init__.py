@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-from finetune.adapters import adapter_parameter_names
-from finetune.strategies.base import STRATEGIES, Strategy
+from finetune.strategies.adapters import adapter_parameter_names
+from finetune.strategies.base import STRATEGIES, AdapterStrategy, Strategy
 from finetune.strategies.lora import LoRA
 from finetune.strategies.partial import Partial
 from finetune.strategies.qlora import QLoRA
@@ -18,6 +18,7 @@ from finetune.strategies.simple import Freeze, Full
 
 __all__ = [
     "STRATEGIES",
+    "AdapterStrategy",
     "Freeze",
     "Full",
     "LoRA",

@@ -11,6 +11,9 @@ from finetune.backbones.layout import Layout
 from finetune.registry import Registry
 
 BatchNormPolicy = Literal["eval", "train"]
+# torch's public BatchNorm classes (their common base, ``_BatchNorm``, is private); timm's norm-act layers
+# derive from these.
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -43,10 +46,27 @@ class Strategy:
         if self.batchnorm != "eval":
             return
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in module.parameters()
-            ):
+            if isinstance(module, BATCHNORMS) and not any(p.requires_grad for p in module.parameters()):
                 module.eval()
+
+
+@dataclass
+class AdapterStrategy(Strategy):
+    """A strategy that adds adapters (peft) and trains them: ``inject`` is the one step that adds them, so
+    an unquantised twin of a model can be given the same adapters again (merged exports of QLoRA runs).
+
+    The frozen base stays the pretrained one, so checkpoints keep only what trains.
+    """
+
+    trainable_only_checkpoints: ClassVar[bool] = True
+
+    def apply(self, model: nn.Module, layout: Layout) -> None:
+        self.inject(model, layout)
+
+    def inject(self, model: nn.Module, layout: Layout) -> list[str]:
+        """Freeze ``model``, add the adapters and unfreeze what trains beside them; return the adapted
+        module names."""
+        raise NotImplementedError
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "model.strategy")

@@ -4,7 +4,7 @@ Adapters are added with peft's ``inject_adapter_in_model`` rather than ``get_pef
 the same object with the same module names (an adapted layer gains ``lora_A``/``lora_B`` children and its
 weight moves to ``<layer>.base_layer.weight``), so the layout's block names still match, per-layer
 learning rates can group adapter parameters by block, and timm and Hugging Face models take one path.
-``finetune.adapters.adapter_parameter_names`` says which parameters are the adapters'.
+``finetune.strategies.adapters.adapter_parameter_names`` says which parameters are the adapters'.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from typing_extensions import override
 
-from finetune.adapters import adapter_summary
-from finetune.backbones.layout import Layout, _within
-from finetune.errors import RecipeError
+from finetune.backbones.layout import Layout, within
+from finetune.errors import RecipeError, first_line
 from finetune.registry import Registry
-from finetune.strategies.base import STRATEGIES, Strategy, set_trainable, unfreeze_modules
+from finetune.strategies.adapters import adapter_summary
+from finetune.strategies.base import STRATEGIES, AdapterStrategy, set_trainable, unfreeze_modules
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +55,25 @@ def _ia3_config(strategy: LoRA, targets: list[str]) -> Any:
     return IA3Config(target_modules=targets, **strategy.options)
 
 
-@ADAPTERS.register("loha")
-def _loha_config(strategy: LoRA, targets: list[str]) -> Any:
-    from peft import LoHaConfig
+def _low_rank_config(class_name: str) -> Callable[[LoRA, list[str]], Any]:
+    """LoHa and LoKr: the same arguments, a different peft config class."""
 
-    return LoHaConfig(
-        r=strategy.rank,
-        alpha=strategy.alpha,
-        rank_dropout=strategy.dropout,
-        target_modules=targets,
-        **strategy.options,
-    )
+    def build(strategy: LoRA, targets: list[str]) -> Any:
+        import peft
+
+        return getattr(peft, class_name)(
+            r=strategy.rank,
+            alpha=strategy.alpha,
+            rank_dropout=strategy.dropout,
+            target_modules=targets,
+            **strategy.options,
+        )
+
+    return build
 
 
-@ADAPTERS.register("lokr")
-def _lokr_config(strategy: LoRA, targets: list[str]) -> Any:
-    from peft import LoKrConfig
-
-    return LoKrConfig(
-        r=strategy.rank,
-        alpha=strategy.alpha,
-        rank_dropout=strategy.dropout,
-        target_modules=targets,
-        **strategy.options,
-    )
+ADAPTERS.register("loha")(_low_rank_config("LoHaConfig"))
+ADAPTERS.register("lokr")(_low_rank_config("LoKrConfig"))
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -92,7 +88,7 @@ def _is_plain_conv(module: nn.Module) -> bool:
 
 @STRATEGIES.register("lora")
 @dataclass
-class LoRA(Strategy):
+class LoRA(AdapterStrategy):
     """Freeze the backbone; train adapters on ``target_modules`` plus ``modules_to_save`` (default: a new head).
 
     Args:
@@ -119,8 +115,6 @@ class LoRA(Strategy):
     adapter: str = "lora"
     options: dict[str, Any] = field(default_factory=dict)
 
-    trainable_only_checkpoints = True  # the frozen base is the pretrained one: checkpoints skip it
-
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise RecipeError("model.strategy.rank", f"must be 1 or more, got {self.rank}")
@@ -132,10 +126,7 @@ class LoRA(Strategy):
                 "model.strategy.use_dora", f"DoRA is a LoRA variant; drop it for {self.adapter}"
             )
 
-    def apply(self, model: nn.Module, layout: Layout) -> None:
-        targets = self.inject(model, layout)
-        log.debug("%s adapters on %d modules: %s", self.adapter, len(targets), adapter_summary(targets))
-
+    @override
     def inject(self, model: nn.Module, layout: Layout) -> list[str]:
         """Freeze ``model``, add the adapters, unfreeze ``modules_to_save``; return the adapted module names."""
         from peft import inject_adapter_in_model
@@ -146,9 +137,11 @@ class LoRA(Strategy):
         try:
             inject_adapter_in_model(ADAPTERS.get(self.adapter)(self, targets), model)
         except (ValueError, TypeError) as error:
-            first = str(error).strip().splitlines()[0]
-            raise RecipeError(TARGETS_KEY, f"peft cannot adapt these modules ({first})") from error
+            raise RecipeError(
+                TARGETS_KEY, f"peft cannot adapt these modules ({first_line(error)})"
+            ) from error
         unfreeze_modules(model, trained)
+        log.debug("%s adapters on %d modules: %s", self.adapter, len(targets), adapter_summary(targets))
         return targets
 
     def _trained_modules(self, model: nn.Module, layout: Layout) -> list[str]:
@@ -163,7 +156,7 @@ class LoRA(Strategy):
         modules = {
             name: module
             for name, module in model.named_modules()
-            if name and not any(_within(name, s) for s in skip)
+            if name and not any(within(name, s) for s in skip)
         }
         linear = [name for name, module in modules.items() if _is_linear(module)]
         patterns = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules

@@ -7,14 +7,14 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from typing_extensions import override
 
-from finetune.adapters import is_quantised
 from finetune.backbones.layout import Layout
-from finetune.errors import RecipeError
+from finetune.dtypes import DTYPES, DtypeName
+from finetune.errors import RecipeError, require
+from finetune.strategies.adapters import is_quantised
 from finetune.strategies.base import STRATEGIES
 from finetune.strategies.lora import LoRA
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @STRATEGIES.register("qlora")
@@ -35,18 +35,18 @@ class QLoRA(LoRA):
     bits: Literal[4, 8] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    compute_dtype: DtypeName = "bfloat16"
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.bits not in (4, 8):
-            raise RecipeError("model.strategy.bits", f"must be 4 or 8, got {self.bits}")
+        require(self.bits in (4, 8), "model.strategy.bits", f"must be 4 or 8, got {self.bits}")
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.compute_dtype]
 
+    @override
     def load_options(self) -> dict[str, Any]:
         from transformers import BitsAndBytesConfig
 
@@ -63,6 +63,7 @@ class QLoRA(LoRA):
         device = torch.get_default_device()
         return {"quantization_config": quantization, "dtype": self.dtype, "device_map": {"": device}}
 
+    @override
     def apply(self, model: nn.Module, layout: Layout) -> None:
         from peft import prepare_model_for_kbit_training
 

@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from typing_extensions import override
 
 from finetune.backbones import Backbone
 from finetune.backbones.layout import Layout
@@ -35,6 +36,15 @@ class FinetuneTask(pl.LightningModule):
     The training loss goes through registered loss terms (``add_loss_term``; the contract is in
     ``finetune.tasks.loss_terms``): subclasses compute their step's ``StepOutputs`` and return
     ``self.total_loss(outputs, batch_size)``.
+
+    Args:
+        backbone: the pretrained model: ``timm:NAME``, ``hf:ID``, a local folder, or a full backbone spec.
+        strategy: what trains: a registered name (default arguments) or a strategy object
+            (``class_path``/``init_args`` in a recipe).
+        optimizer: optimizer and parameter groups (``OptimizerConfig``; default AdamW, lr 1e-4); in a
+            recipe, the top-level ``optimizer:`` section.
+        lr_scheduler: the LR schedule per optimizer step (``ScheduleConfig``; default constant); in a
+            recipe, the top-level ``lr_scheduler:`` section.
     """
 
     monitor = "val/loss"
@@ -78,6 +88,7 @@ class FinetuneTask(pl.LightningModule):
         """The backbone with its task head, read with loader ``options`` (see ``Strategy.load_options``)."""
         raise NotImplementedError
 
+    @override
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -144,10 +155,12 @@ class FinetuneTask(pl.LightningModule):
         }
         return names & kept
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         kept = self.checkpointed_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in kept}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self._without_stray_loss_modules(checkpoint["state_dict"])
         self._check_complete(checkpoint["state_dict"])
@@ -176,12 +189,14 @@ class FinetuneTask(pl.LightningModule):
                 "it was written for another model or strategy",
             )
 
+    @override
     def train(self, mode: bool = True) -> FinetuneTask:
         super().train(mode)
         if mode and self.model is not None:
             self.strategy.set_batchnorm_mode(self.model)  # Lightning calls train() each epoch
         return self
 
+    @override
     def configure_optimizers(self) -> Any:
         from finetune.optim.optimizers import build_optimizer
         from finetune.optim.param_groups import param_groups

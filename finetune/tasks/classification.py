@@ -11,17 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from typing_extensions import override
 
 from finetune.backbones import Backbone
 from finetune.backbones.layout import Layout, discover_layout
+from finetune.batch import model_inputs
 from finetune.errors import RecipeError
 from finetune.export import export_classifier
-from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.strategies import Strategy
 from finetune.tasks.base import FinetuneTask
 from finetune.tasks.loss_terms import StepOutputs
-
-NOT_MODEL_INPUTS = ("labels", "index")
 
 
 class ClassificationTask(FinetuneTask):
@@ -37,9 +36,8 @@ class ClassificationTask(FinetuneTask):
         strategy: what trains: ``full``, ``freeze``, ``partial`` (by name, default arguments) or a
             strategy object (``class_path``/``init_args`` in a recipe).
         labels: class names in index order; default: the datamodule's labels.
-        optimizer: optimizer and parameter groups (``OptimizerConfig``; default AdamW, lr 1e-4).
-        lr_scheduler: the LR schedule per optimizer step (``ScheduleConfig``; default constant).
         label_smoothing: cross-entropy label smoothing.
+        **kwargs: ``optimizer`` and ``lr_scheduler``, as ``FinetuneTask`` takes them.
     """
 
     monitor = "val/acc"
@@ -50,11 +48,10 @@ class ClassificationTask(FinetuneTask):
         backbone: str | Backbone,
         strategy: str | Strategy = "full",
         labels: list[str] | None = None,
-        optimizer: OptimizerConfig | None = None,
-        lr_scheduler: ScheduleConfig | None = None,
         label_smoothing: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(backbone, strategy, optimizer, lr_scheduler)
+        super().__init__(backbone, strategy, **kwargs)
         self.labels = list(labels) if labels is not None else None
         self.label_smoothing = label_smoothing
         self.save_hyperparameters(
@@ -97,6 +94,7 @@ class ClassificationTask(FinetuneTask):
             )
         return self.labels if self.labels is not None else data_labels
 
+    @override
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Class logits for a batch."""
         return self.loader.logits(self.model, model_inputs(batch))
@@ -123,15 +121,19 @@ class ClassificationTask(FinetuneTask):
         self.log_dict(metrics, prog_bar=stage != "train", batch_size=batch_size, on_epoch=True, on_step=False)
         return loss
 
+    @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
+    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"index": batch["index"], "probabilities": self(batch).softmax(-1)}
 
@@ -141,8 +143,3 @@ class ClassificationTask(FinetuneTask):
         Under an adapter strategy the adapters alone are written, in peft's format, unless ``merge``.
         """
         return export_classifier(self, directory, merge)
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch without what is not a model input (``labels``, ``index``)."""
-    return {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}

@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
+from finetune import runs
 from finetune.backbones import Backbone
 from finetune.backbones.layout import Layout, discover_layout
 from finetune.export import export_causal_lm
-from finetune.optim import OptimizerConfig, ScheduleConfig, TokenNormalizedLoss
+from finetune.optim import TokenNormalizedLoss
 from finetune.strategies import Strategy
 from finetune.tasks.base import FinetuneTask
 from finetune.tasks.loss_terms import StepOutputs
@@ -44,10 +46,9 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
     Args:
         backbone: a Hugging Face causal LM: ``hf:ID``, a local folder, or a full backbone spec.
         strategy: what trains: ``lora`` (default), ``qlora``, ``full`` ... or a strategy object.
-        optimizer: optimizer and parameter groups (``OptimizerConfig``; default AdamW, lr 1e-4).
-        lr_scheduler: the LR schedule per optimizer step (``ScheduleConfig``; default constant).
         samples: how many validation prompts to complete after each validation epoch (0: none).
         max_new_tokens: length limit of those completions.
+        **kwargs: ``optimizer`` and ``lr_scheduler``, as ``FinetuneTask`` takes them.
     """
 
     monitor = "val/loss"
@@ -57,12 +58,11 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
         self,
         backbone: str | Backbone,
         strategy: str | Strategy = "lora",
-        optimizer: OptimizerConfig | None = None,
-        lr_scheduler: ScheduleConfig | None = None,
         samples: int = 3,
         max_new_tokens: int = 32,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(backbone, strategy, optimizer, lr_scheduler)
+        super().__init__(backbone, strategy, **kwargs)
         self.samples = samples
         self.max_new_tokens = max_new_tokens
         self.val_nll = MeanMetric()
@@ -79,6 +79,7 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
     def load_backbone(self, options: Mapping[str, Any]) -> nn.Module:
         return self.backbone.load_causal_lm(options)
 
+    @override
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Next-token logits."""
         return self.forward_features(batch, ())[0]
@@ -97,6 +98,7 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
         """Sum of the next-token losses over the batch's target tokens, and how many there are."""
         return _next_token_losses(self(batch), batch["labels"])
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits, features = self.forward_features(batch, self.requested_features())
         loss_sum, tokens = _next_token_losses(logits, batch["labels"])
@@ -106,11 +108,13 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
         total = self.total_loss(outputs, len(batch["input_ids"]), per=tokens)
         return self.token_loss(total, tokens)
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Weight by response tokens, so val/loss is the mean over tokens and exp() of it the perplexity.
         loss_sum, tokens = self.token_losses(batch)
         self.val_nll.update(loss_sum / tokens.clamp(min=1), weight=tokens)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         nll = self.val_nll.compute()
         self.val_nll.reset()
@@ -126,9 +130,7 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
             return
         tokenizer = datamodule.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        from finetune.callbacks.rundir import run_dir
-
-        path = run_dir(self.trainer) / "samples.jsonl"
+        path = runs.run_dir(self.trainer) / runs.SAMPLES
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as out:
             for sample in datamodule.sample_prompts(self.samples):

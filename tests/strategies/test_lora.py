@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.adapters import adapter_targets
 from finetune.errors import RecipeError
 from finetune.strategies import LoRA, QLoRA, adapter_parameter_names, resolve_strategy
+from finetune.strategies.adapters import adapter_targets
 from finetune.tasks import ClassificationTask, SFTTask
 from tests.strategies.test_strategies import LABELS, image_batch, text_batch
 

@@ -1,4 +1,4 @@
-"""peft adapters inside a model: which parameters they own, saving them for plain peft, merging them away.
+"""peft adapters inside a model (what ``lora``/``qlora`` inject): which parameters they own, saving them for plain peft, merging them away.
 
 Models here had their adapters injected in place (``peft.inject_adapter_in_model``), so they are the
 original ``nn.Module`` (HF or timm) with adapter children; no ``PeftModel`` wrapper. peft and

@@ -7,6 +7,7 @@ the model's backbone passed to the data (for its tokenizer or image transform), 
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from argparse import ArgumentError
@@ -15,8 +16,11 @@ from typing import Any
 
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
+from finetune import runs
 from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter, RestoreRNG
+from finetune.data import ClassificationData
 from finetune.errors import RecipeError
 from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.strategies import Strategy
@@ -29,6 +33,7 @@ class FinetuneCLI(LightningCLI):
         self.run_name = run_name
         super().__init__(*args, **kwargs)
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for section, config in SECTIONS.items():
             parser.add_argument(
@@ -38,6 +43,7 @@ class FinetuneCLI(LightningCLI):
         parser.link_arguments("lr_scheduler", "model.init_args.lr_scheduler")
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
 
+    @override
     def _parse_ckpt_path(self) -> None:
         """The recipe alone decides the model: ``--ckpt_path`` supplies weights and training state only.
 
@@ -45,6 +51,7 @@ class FinetuneCLI(LightningCLI):
         for ``load_from_checkpoint``, not recipe keys.)
         """
 
+    @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         # Validate the typed sections now: jsonargparse would bury their RecipeError in a Union report.
@@ -70,34 +77,41 @@ class FinetuneCLI(LightningCLI):
         Two callbacks, because Lightning (2.6) writes ``save_last`` only in epochs that also save a best one.
         The best one comes first: ``trainer.checkpoint_callback`` (used for export) is the first.
         """
-        from jsonargparse._util import import_object
+        from finetune.tasks import FinetuneTask
 
-        task = import_object(model_class_path)
+        task = runs.import_class(model_class_path, "model.class_path")
+        ours = issubclass(task, FinetuneTask)
         checkpoint = "lightning.pytorch.callbacks.ModelCheckpoint"
         best = Namespace(
-            monitor=getattr(task, "monitor", None),
-            mode=getattr(task, "monitor_mode", "min"),
-            filename="best-epoch{epoch}-step{step}",
+            monitor=task.monitor if ours else None,
+            mode=task.monitor_mode if ours else "min",
+            filename=runs.BEST,
             auto_insert_metric_name=False,
         )
-        last = Namespace(monitor=None, filename="last", enable_version_counter=False)
+        last = Namespace(monitor=None, filename=runs.LAST, enable_version_counter=False)
         return [
             Namespace(class_path=checkpoint, init_args=best),
             Namespace(class_path=checkpoint, init_args=last),
         ]
 
+    @override
     def before_fit(self) -> None:
         if self.trainer.logger is not None:
             # Create the run folder through the logger first, so it does not warn that the folder is not empty.
             _ = self.trainer.logger.experiment
-        if self.trainer.is_global_zero and hasattr(self.datamodule, "save_labels"):
-            self.datamodule.save_labels(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+        if self.trainer.is_global_zero and isinstance(self.datamodule, ClassificationData):
+            self.datamodule.save_labels(runs.run_dir(self.trainer))
 
+    @override
     def after_fit(self) -> None:
         """End ``fit`` with a test of the (best) model when the data has a test split."""
-        table = getattr(self.datamodule, "table", None)
-        if table is not None and table("test") is not None and not self.trainer.interrupted:
-            self.trainer.test(self.model, datamodule=self.datamodule)
+        data = self.datamodule
+        if (
+            isinstance(data, ClassificationData)
+            and data.table("test") is not None
+            and not self.trainer.interrupted
+        ):
+            self.trainer.test(self.model, datamodule=data)
 
 
 # Top-level recipe sections of our own, typed by a finetune config class (not a torch class_path).
@@ -144,14 +158,26 @@ def explain_parse_error(text: str) -> RecipeError:
 def _valid_keys(class_path: str | None) -> str:
     if not class_path:
         return ""
-    from jsonargparse._parameter_resolvers import get_signature_parameters
-    from jsonargparse._util import import_object
-
     try:
-        names = [p.name for p in get_signature_parameters(import_object(class_path), None)]
-    except (ImportError, AttributeError, ValueError):
+        names = init_parameters(runs.import_class(class_path, "class_path"))
+    except RecipeError:
         return ""
     return f" for {class_path} (valid: {', '.join(names)})"
+
+
+def init_parameters(cls: type) -> list[str]:
+    """The keyword arguments ``cls(...)`` accepts, following ``**kwargs`` up to the base classes (the
+    pattern our data modules and tasks use for the arguments their bases declare)."""
+    names: dict[str, None] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names.update(dict.fromkeys(p.name for p in parameters if p.kind in kinds))
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return list(names)
 
 
 def run_cli(argv: list[str], run: bool = True) -> FinetuneCLI:

@@ -1,0 +1,53 @@
+"""``python -m finetune export RUN_DIR [--merge] [--out DIR]``: export a run's model from its checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Any
+
+from finetune import runs
+from finetune.errors import RecipeError
+
+log = logging.getLogger(__name__)
+USAGE = "python -m finetune export RUN_DIR [--merge] [--out DIR]"
+
+
+def _parser() -> Any:
+    from jsonargparse import ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="python -m finetune export",
+        description="Export a run's model: its adapters (peft format), or with --merge a plain model.",
+        exit_on_error=False,
+    )
+    parser.add_argument("run_dir", type=str, help="a run folder: runs/<recipe>/version_N")
+    parser.add_argument(
+        "--merge",
+        action=ActionYesNo,
+        default=False,
+        help="merge adapters into the weights (dequantised for qlora) and save a plain model",
+    )
+    parser.add_argument(
+        "--out", type=str | None, default=None, help="output folder (default RUN_DIR/export[-merged])"
+    )
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Rebuild the run's task from its best checkpoint (else its last) and export it."""
+    try:
+        args = _parser().parse_args(argv)
+    except ArgumentError as error:
+        raise RecipeError("export", f"{error}; usage: {USAGE}") from None
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise RecipeError(
+            runs.KEY, f"{run} is not a folder; give a run folder such as runs/<recipe>/version_0"
+        )
+    out = Path(args.out) if args.out else run / (f"{runs.EXPORT}-merged" if args.merge else runs.EXPORT)
+    task = runs.load_run(run)
+    directory = task.export(out, merge=args.merge)
+    log.info("Exported %s to %s", "the merged model" if args.merge else "the model", directory)
+    return 0

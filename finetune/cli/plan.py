@@ -1,0 +1,53 @@
+"""``python -m finetune plan RECIPE.yaml``: build model, data and optimizer from a recipe, print the run
+plan (``finetune.plan``), train nothing and write nothing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from finetune.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+USAGE = "python -m finetune plan RECIPE.yaml [--section.key=value ...]"
+# One device, no logger, checkpoints or sanity validation: the plan is per device and leaves no trace.
+OVERRIDES = (
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.devices=1",
+    "--trainer.strategy=auto",
+    "--trainer.num_sanity_val_steps=0",
+)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or not argv[0].endswith((".yaml", ".yml")):
+        raise RecipeError("plan", f"give a recipe: {USAGE}")
+    if not Path(argv[0]).is_file():
+        raise RecipeError("--config", f"recipe file {argv[0]} does not exist")
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter
+    from finetune.cli.lightning import run_cli
+    from finetune.plan import run_plan
+
+    class PlanReady(Exception):
+        """Stops ``fit`` right after setup: the plan is known."""
+
+    class PlanProbe(pl.Callback):
+        def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.text = run_plan(trainer, pl_module)
+            raise PlanReady
+
+    cli = run_cli(["--config", argv[0], *argv[1:], *OVERRIDES], run=False)
+    probe = PlanProbe()
+    writers = (ExportModel, MetricsReport, ParameterReport, PredictionWriter, SaveConfigCallback)
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, writers)] + [probe]
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    except PlanReady:
+        pass
+    log.info("Run plan for %s (per device)\n\n%s", argv[0], probe.text)
+    return 0

@@ -1,0 +1,112 @@
+"""The run folder: what a run writes where, finding it from a ``Trainer``, and loading a finished run.
+
+A run lives in ``runs/<recipe name>/version_N/`` (the CSV logger's folder). Everything that names a file in
+it is here, so the CLI, the callbacks, the tasks and the distillation teacher agree on one layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from finetune.errors import RecipeError
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from finetune.tasks import FinetuneTask
+
+CONFIG = "config.yaml"  # the resolved recipe
+PLAN = "plan.txt"
+PARAMETERS = "parameters.txt"
+LABELS = "labels.json"
+PREDICTIONS = "predictions.csv"
+SAMPLES = "samples.jsonl"
+EXPORT = "export"
+CHECKPOINTS = "checkpoints"
+BEST = "best-epoch{epoch}-step{step}"  # ModelCheckpoint filename pattern; files start with "best-"
+LAST = "last"
+KEY = "RUN_DIR"
+
+
+def metrics_file(stage: str) -> str:
+    """The final-metrics table of ``stage`` (``fit`` or ``test``)."""
+    return f"metrics_{stage}.txt"
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """The run folder, without the collective call inside ``trainer.log_dir``.
+
+    Under DDP ``trainer.log_dir`` broadcasts rank 0's folder; called from inside an
+    ``if trainer.is_global_zero`` block it waits forever for the other ranks.
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    directory = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+    return Path(directory or trainer.default_root_dir)
+
+
+def find_checkpoint(run: Path) -> Path:
+    """The run's newest best checkpoint, else its last; RecipeError naming RUN_DIR when it has none."""
+    if not (run / CONFIG).is_file():
+        raise RecipeError(KEY, f"{run} is not a run folder (no {CONFIG}); give runs/<recipe>/version_N")
+    folder = run / CHECKPOINTS
+    best = sorted(folder.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    last = folder / f"{LAST}.ckpt"
+    if last.is_file():
+        return last
+    raise RecipeError(KEY, f"{run} has no {CHECKPOINTS}/*.ckpt; train it first (or give another run)")
+
+
+def import_class(class_path: str, key: str) -> type:
+    """The class a recipe names by ``class_path`` (``finetune.ClassificationTask``)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    if not isinstance(found, type):
+        raise RecipeError(key, f"{class_path!r} is not an importable class; check its spelling")
+    return found
+
+
+def task_class(run: Path) -> type[FinetuneTask]:
+    """The task class named by the run's saved recipe."""
+    from finetune.tasks import FinetuneTask
+
+    config = yaml.safe_load((run / CONFIG).read_text())
+    class_path = (config.get("model") or {}).get("class_path", "")
+    cls = import_class(class_path, KEY)
+    if not issubclass(cls, FinetuneTask):
+        raise RecipeError(KEY, f"{run}/{CONFIG} names model {class_path!r}, not a finetune task")
+    return cls
+
+
+def load_run(run: Path) -> FinetuneTask:
+    """The run's task with its model built and its (best) checkpoint's weights loaded, on the CPU.
+
+    The task is rebuilt from the checkpoint's hyperparameters (plain data, read with ``weights_only=True``).
+    """
+    import torch
+
+    path = find_checkpoint(run)
+    cls = task_class(run)
+    checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        # Checkpoints of older versions may carry hyperparameters the class no longer takes.
+        hparams = {k: v for k, v in hparams.items() if k in {p.name for p in parameters}}
+    task = cls(**hparams)
+    task.configure_model()
+    task.load_weights(checkpoint["state_dict"])
+    return task
