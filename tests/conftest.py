@@ -16,22 +16,21 @@ import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from tiny_models import save_llama  # noqa: E402
 
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "okay", "movie", "food", "day", "very", "not"]
-POSITIVE = {"good", "great", "fine"}
-NEGATIVE = {"bad", "awful", "poor"}
+from tests.helpers.models import make_lm_tokenizer, make_tokenizer, save_llama, sentence  # noqa: E402
+from tests.helpers.workdir import entries, new_entries  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
-def make_tokenizer(directory: Path):
-    """A word-level BERT tokenizer over WORDS, saved in ``directory``."""
-    from transformers import BertTokenizerFast
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+@pytest.fixture(autouse=True)
+def _writes_nothing_into_the_repository():
+    """Fail a test that leaves new files in the repository (they end up committed): write under tmp_path."""
+    before = entries(REPOSITORY)
+    yield
+    written = new_entries(REPOSITORY, before)
+    if written:
+        pytest.fail(f"the test wrote into the repository: {', '.join(written[:5])}; write under tmp_path")
 
 
 @pytest.fixture(scope="session")
@@ -69,15 +68,6 @@ def tiny_timm_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def sentence(rng: random.Random, label: str) -> str:
-    pool = {"positive": POSITIVE, "negative": NEGATIVE}[label]
-    words = [rng.choice(sorted(pool))] + [
-        rng.choice(["movie", "food", "day", "very"]) for _ in range(rng.randint(1, 5))
-    ]
-    rng.shuffle(words)
-    return " ".join(words)
-
-
 @pytest.fixture(scope="session")
 def text_csv(tmp_path_factory) -> Path:
     """80 labelled sentences (positive/negative by a keyword), columns ``text,label``."""
@@ -107,36 +97,6 @@ def image_folder(tmp_path_factory) -> Path:
             pixels[..., channel] = rng.integers(170, 255, size=(40, 40), dtype=np.uint8)
             Image.fromarray(pixels).save(root / label / f"{i}.png")
     return root
-
-
-LM_WORDS = [
-    "###",
-    "Instruction:",
-    "Response:",
-    "System:",
-    "say",
-    "hello",
-    "world",
-    "count",
-    "one",
-    "two",
-    "three",
-]
-
-
-def make_lm_tokenizer(directory: Path):
-    """A word-level tokenizer with BOS/EOS/PAD over WORDS and LM_WORDS (no chat template), saved in ``directory``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = ["<pad>", "<unk>", "<s>", "</s>", *WORDS, *LM_WORDS]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.save_pretrained(directory)
-    return tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import lightning.pytorch  # noqa: F401  (binds Lightning's log handler to the re
 import pytest
 
 from finetune.cli import main
-from recipes import text_recipe, write
+from tests.helpers.recipes import text_recipe, write
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:

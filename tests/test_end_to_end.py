@@ -14,7 +14,7 @@ import torch
 
 from finetune import ClassificationTask
 from finetune.cli import main
-from recipes import image_recipe, text_recipe, write
+from tests.helpers.recipes import image_recipe, text_recipe, write
 
 pytestmark = pytest.mark.slow
 

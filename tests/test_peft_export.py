@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 from finetune.strategies import LoRA, QLoRA
 from finetune.tasks import ClassificationTask, SFTTask
-from tests.strategies.test_lora import lm_batch
-from tests.strategies.test_strategies import LABELS, image_batch, text_batch
+from tests.helpers.batches import LABELS, image_batch, lm_batch, text_batch
 
 
 def trained(task):

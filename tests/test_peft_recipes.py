@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetune.cli import main
-from tests.recipes import image_recipe, text_recipe, write
+from tests.helpers.recipes import image_recipe, text_recipe, write
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

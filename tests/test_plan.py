@@ -9,7 +9,7 @@ import torch
 
 from finetune.cli import main
 from finetune.memory import activation_bytes, estimate_memory
-from recipes import text_recipe, write
+from tests.helpers.recipes import text_recipe, write
 
 
 def tiny_recipe(tiny_bert_dir, text_csv, tmp_path):

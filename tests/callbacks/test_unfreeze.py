@@ -12,11 +12,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
-from unfreeze_run import Changes, dataset, task, trainer
 
 from finetune.callbacks import RestoreRNG
 from finetune.callbacks.unfreeze import GradualUnfreezing
 from finetune.errors import RecipeError
+from tests.helpers.unfreeze_run import Changes, dataset, task, trainer
 
 # BERT levels: embeddings 0, layer.0 1, layer.1 2, pooler + classifier 3 (head). Milestones at steps 1, 2, 3.
 EXPECTED_CHANGED = [
@@ -83,7 +83,7 @@ def test_bad_arguments_and_unsupported_modules():
 
 @pytest.mark.slow
 def test_schedule_under_ddp_on_two_cpu_processes(tiny_bert_dir, tmp_path):
-    script = Path(__file__).with_name("unfreeze_run.py")
+    script = Path(__file__).parents[1] / "helpers" / "unfreeze_run.py"
     out = tmp_path / "ddp.json"
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[2])}
     done = subprocess.run(

@@ -5,37 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_models import save_llama
+
+from tests.helpers.models import bert_folder, export_classifier, save_llama
 
 LABELS = ["negative", "positive"]
-
-
-def bert_folder(directory: Path, tokenizer_dir: Path, hidden: int, layers: int = 2) -> Path:
-    """A random BERT ``layers`` deep, ``hidden`` wide, with the tokenizer of ``tokenizer_dir``."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer, BertConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.save_pretrained(directory)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(1)
-    AutoModel.from_config(config).save_pretrained(directory)
-    return directory
-
-
-def export_classifier(backbone: Path | dict, labels: list[str], directory: Path) -> Path:
-    from finetune import ClassificationTask
-
-    task = ClassificationTask(backbone if isinstance(backbone, dict) else str(backbone), labels=labels)
-    task.configure_model()
-    return task.export(directory)
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,11 @@ import torch
 import yaml
 
 from finetune.cli import main
-from tests.distill.conftest import export_classifier
+from tests.helpers.models import export_classifier
+from tests.helpers.recipes import REPOSITORY, distils, offline_overrides, shipped_recipes
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = REPOSITORY / "recipes"
+DISTILLATION_RECIPES = [p for p in shipped_recipes() if distils(yaml.safe_load(p.read_text()))]
 TEACHER = "--trainer.callbacks.init_args.teacher"
 
 
@@ -141,3 +143,39 @@ def test_distillation_under_ddp_on_two_cpu_processes(tiny_bert_dir, bert_teacher
     run = tmp_path / "ddp" / "version_0"
     assert (run / "export" / "model.safetensors").is_file()
     assert {"train/kd_loss", "test/acc"} <= set(pd.read_csv(run / "metrics.csv").columns)
+
+
+@pytest.fixture(scope="module")
+def image_teacher(tmp_path_factory) -> Path:
+    """A random ``test_vit`` classifier over the tiny image folder's classes, as an export folder."""
+    vit = {"name": "timm:test_vit", "pretrained": False}
+    return export_classifier(vit, ["blue", "red"], tmp_path_factory.mktemp("vit-teacher") / "export")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", DISTILLATION_RECIPES, ids=lambda p: p.name)
+def test_distillation_recipe_parses_and_builds_with_a_teacher(
+    path,
+    tiny_bert_dir,
+    tiny_llama_dir,
+    image_folder,
+    three_class_teacher,
+    llama_teacher,
+    image_teacher,
+    monkeypatch,
+):
+    """Every shipped distillation recipe builds through ``plan`` (student, teacher and their checks), with
+    tiny local models for the hub's and a teacher of the recipe's kind."""
+    recipe = yaml.safe_load(path.read_text())
+    task = recipe["model"]["class_path"]
+    data = recipe["data"]["class_path"]
+    teacher = (
+        llama_teacher
+        if task.endswith("SFTTask")
+        else image_teacher
+        if "Image" in data
+        else three_class_teacher
+    )
+    tiny = {"bert": tiny_bert_dir, "llama": tiny_llama_dir, "images": image_folder}
+    monkeypatch.chdir(REPOSITORY)  # recipes name their data relative to the repository
+    assert main(["plan", str(path), *offline_overrides(recipe, tiny), f"{TEACHER}={teacher}"]) == 0

@@ -205,7 +205,7 @@ def instruction_data(tmp_path, backbone):
 def test_mismatched_vocabularies_name_the_keys(tiny_llama_dir, tiny_bert_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.conftest import make_tokenizer
+    from tests.helpers.models import make_tokenizer
 
     other = tmp_path / "other-llama"
     tokenizer = make_tokenizer(other)  # BERT word pieces: other tokens, other ids

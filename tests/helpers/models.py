@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 
@@ -26,3 +27,86 @@ def save_llama(directory: Path, tokenizer, hidden: int, layers: int, seed: int) 
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
+
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "okay", "movie", "food", "day", "very", "not"]
+POSITIVE = {"good", "great", "fine"}
+NEGATIVE = {"bad", "awful", "poor"}
+
+
+def make_tokenizer(directory: Path):
+    """A word-level BERT tokenizer over WORDS, saved in ``directory``."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def sentence(rng: random.Random, label: str) -> str:
+    pool = {"positive": POSITIVE, "negative": NEGATIVE}[label]
+    words = [rng.choice(sorted(pool))] + [
+        rng.choice(["movie", "food", "day", "very"]) for _ in range(rng.randint(1, 5))
+    ]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+LM_WORDS = [
+    "###",
+    "Instruction:",
+    "Response:",
+    "System:",
+    "say",
+    "hello",
+    "world",
+    "count",
+    "one",
+    "two",
+    "three",
+]
+
+
+def make_lm_tokenizer(directory: Path):
+    """A word-level tokenizer with BOS/EOS/PAD over WORDS and LM_WORDS (no chat template), saved in ``directory``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "<unk>", "<s>", "</s>", *WORDS, *LM_WORDS]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def bert_folder(directory: Path, tokenizer_dir: Path, hidden: int, layers: int = 2) -> Path:
+    """A random BERT ``layers`` deep, ``hidden`` wide, with the tokenizer of ``tokenizer_dir``."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(1)
+    AutoModel.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def export_classifier(backbone: Path | dict, labels: list[str], directory: Path) -> Path:
+    from finetune import ClassificationTask
+
+    task = ClassificationTask(backbone if isinstance(backbone, dict) else str(backbone), labels=labels)
+    task.configure_model()
+    return task.export(directory)

@@ -1,4 +1,4 @@
-"""Tiny recipes for CLI tests, written next to the test's data."""
+"""Tiny recipes for CLI tests, written next to the test's data; the shipped recipes and how they build here."""
 
 from __future__ import annotations
 
@@ -54,3 +54,38 @@ def image_recipe(checkpoint: Path, folder: Path, root: Path) -> dict[str, Any]:
 def write(recipe: dict[str, Any], path: Path) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def shipped_recipes() -> list[Path]:
+    """Every recipe under ``recipes/``: each is parsed and built by a test (distillation ones with a teacher)."""
+    return sorted((REPOSITORY / "recipes").glob("*.yaml"))
+
+
+def offline_overrides(recipe: dict, tiny: dict[str, Path]) -> list[str]:
+    """CLI overrides that let a recipe build here: hub-only models become tiny local ones of the same kind,
+    timm models build with random weights (timm builds any architecture offline), and a placeholder image
+    folder becomes a tiny one."""
+    overrides = []
+    backbone = recipe["model"]["init_args"]["backbone"]
+    name = backbone if isinstance(backbone, str) else backbone["name"]
+    if name.startswith("timm:"):
+        overrides.append(f'--model.init_args.backbone={{"name": "{name}", "pretrained": false}}')
+    elif name.startswith("hf:"):
+        causal = recipe["model"]["class_path"].endswith("SFTTask")
+        overrides.append(f"--model.init_args.backbone={tiny['llama' if causal else 'bert']}")
+    data = recipe["data"]
+    if (
+        data["class_path"].endswith("ImageClassificationData")
+        and not Path(data["init_args"]["train"]).exists()
+    ):
+        overrides.append(f"--data.init_args.train={tiny['images']}")
+    return overrides
+
+
+def distils(recipe: dict) -> bool:
+    return any(
+        c["class_path"].endswith("Distillation") for c in recipe.get("trainer", {}).get("callbacks", [])
+    )

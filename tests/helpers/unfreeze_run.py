@@ -1,6 +1,6 @@
 """A tiny gradual-unfreezing run on the tiny BERT, shared by the in-process tests and the DDP script.
 
-``python tests/callbacks/unfreeze_run.py BERT_DIR OUT.json`` runs it under DDP on 2 CPU processes.
+``python tests/helpers/unfreeze_run.py BERT_DIR OUT.json`` (with the repository root on ``PYTHONPATH``) runs it under DDP on 2 CPU processes.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from causal_lm import CausalLM, pad, sequences
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.callbacks.accumulation import ScheduledAccumulation
 from finetune.errors import RecipeError
+from tests.helpers.causal_lm import CausalLM, pad, sequences
 
 
 class Grads(pl.Callback):

@@ -70,8 +70,15 @@ def test_optimizers_keep_group_lrs(name):
     config = OptimizerConfig(name=name, momentum=0.9, nesterov=name == "sgd")
     optimizer = build_optimizer(groups, config)
     assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.05]
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
     layer(torch.randn(3, 4)).sum().backward()
     optimizer.step()
+    assert not torch.equal(layer.weight, weight)
+    # The bias group has no weight decay, so its first step shows its own LR: Adam-family steps move each
+    # element by lr (m / sqrt(v) = +-1 at step one); Nesterov SGD by lr * (1 + momentum) * grad.
+    moved = (layer.bias.detach() - bias).abs()
+    expected = 0.05 * 1.9 * layer.bias.grad.abs() if name == "sgd" else torch.full_like(moved, 0.05)
+    assert torch.allclose(moved, expected, rtol=1e-3)
 
 
 def test_bad_names_and_values():

@@ -10,15 +10,9 @@ from finetune.errors import RecipeError
 from finetune.strategies import LoRA, QLoRA, adapter_parameter_names, resolve_strategy
 from finetune.strategies.adapters import adapter_targets
 from finetune.tasks import ClassificationTask, SFTTask
-from tests.strategies.test_strategies import LABELS, image_batch, text_batch
+from tests.helpers.batches import LABELS, image_batch, lm_batch, text_batch
 
 CPU_QLORA = {"compute_dtype": "float32"}
-
-
-def lm_batch():
-    ids = torch.tensor([[2, 20, 21, 22, 3], [2, 23, 24, 3, 0]])
-    labels = ids.masked_fill(ids == 0, -100)
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
 
 
 def step(task, batch) -> tuple[set[str], set[str]]:

@@ -9,21 +9,7 @@ import torch
 from finetune.errors import RecipeError
 from finetune.strategies import STRATEGIES, Freeze, Full, Partial, resolve_strategy
 from finetune.tasks import ClassificationTask
-
-LABELS = ["a", "b", "c"]
-
-
-def text_batch(tiny_bert_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    batch = dict(tokenizer(["good movie", "bad day very", "okay food"], padding=True, return_tensors="pt"))
-    return batch | {"labels": torch.tensor([0, 1, 2])}
-
-
-def image_batch(size: int = 160):
-    torch.manual_seed(0)
-    return {"pixel_values": torch.randn(4, 3, size, size), "labels": torch.tensor([0, 1, 2, 0])}
+from tests.helpers.batches import LABELS, image_batch, text_batch
 
 
 def one_step(task: ClassificationTask, batch) -> tuple[set[str], set[str], dict[str, torch.Tensor]]:

@@ -1,0 +1,1 @@
+"""Builders the test folders share (tiny models, recipes, small runs); imported as ``tests.helpers.*``."""
