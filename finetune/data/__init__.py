@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 from finetune._lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from finetune.data.base import ClassificationData
+    from finetune.data.classification import ClassificationData
     from finetune.data.image import ImageClassificationData
     from finetune.data.instructions import InstructionData
     from finetune.data.tables import read_table
     from finetune.data.text import TextClassificationData
 
 _HOMES = {
-    "ClassificationData": "finetune.data.base",
+    "ClassificationData": "finetune.data.classification",
     "ImageClassificationData": "finetune.data.image",
     "InstructionData": "finetune.data.instructions",
     "TextClassificationData": "finetune.data.text",

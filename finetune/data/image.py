@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from finetune.data.base import ClassificationData, NamedTable, RowDataset
+from finetune.data.classification import ClassificationData, NamedTable, RowDataset
 from finetune.errors import RecipeError
 
 IMAGE_EXTENSIONS = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}

@@ -20,14 +20,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from finetune.backbones.base import Backbone
-from finetune.data.base import EpochShuffleSampler, make_loader
-from finetune.errors import RecipeError
+from finetune.data.loaders import LoaderDataModule
+from finetune.data.splits import check_hold_out, hold_out
+from finetune.errors import RecipeError, require
 from finetune.paths import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class TokenRows(torch.utils.data.Dataset):
         return batch
 
 
-class InstructionData(pl.LightningDataModule):
+class InstructionData(LoaderDataModule):
     """Prompt/response (or chat ``messages``) JSONL files for supervised fine-tuning of a causal LM.
 
     Batches hold ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on response tokens).
@@ -186,32 +186,24 @@ class InstructionData(pl.LightningDataModule):
             num_workers: data loading worker processes.
             backbone: the model's backbone (for its tokenizer); set from ``model.backbone``.
         """
-        super().__init__()
-        checks = {
-            "data.val_fraction": (0 <= val_fraction < 1, f"must be in [0, 1), got {val_fraction}"),
-            "data.limit": (limit is None or limit > 0, f"must be a positive count, got {limit}"),
-            "data.max_length": (max_length > 1, f"must be 2 or more, got {max_length}"),
-            "data.batch_size": (batch_size > 0, f"must be 1 or more, got {batch_size}"),
-        }
-        for key, (ok, message) in checks.items():
-            if not ok:
-                raise RecipeError(key, message)
+        super().__init__(
+            backbone=backbone,
+            seed=seed,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+        )
+        check_hold_out({"val": val_fraction}, limit)
+        require(max_length > 1, "data.max_length", f"must be 2 or more, got {max_length}")
         self.sources = {"train": train, "val": val}
         self.val_fraction = val_fraction
         self.limit = limit
         self.max_length = max_length
         self.packing = packing
-        self.seed = seed
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.backbone = backbone
 
     @cached_property
     def tokenizer(self) -> Any:
-        if self.backbone is None:
-            raise RecipeError("data.backbone", "no tokenizer; set model.backbone or data.backbone")
-        return Backbone.of(self.backbone).tokenizer()
+        return self.backbone_spec().tokenizer()
 
     @cached_property
     def conversations(self) -> dict[str, list[list[dict[str, str]]]]:
@@ -219,20 +211,13 @@ class InstructionData(pl.LightningDataModule):
         if self.sources["train"] is None:
             raise RecipeError("data.train", "no training data; set data.train to a JSONL file")
         train = read_conversations(resolve_path(self.sources["train"], "data.train"), "data.train")
-        rng = np.random.default_rng(self.seed)
-        if self.limit is not None and self.limit < len(train):
-            train = [train[i] for i in sorted(rng.choice(len(train), self.limit, replace=False))]
-        if self.sources["val"] is not None:
+        given_val = self.sources["val"] is not None
+        picked = hold_out(len(train), {} if given_val else {"val": self.val_fraction}, self.seed, self.limit)
+        if given_val:
             val = read_conversations(resolve_path(self.sources["val"], "data.val"), "data.val")
-        elif self.val_fraction > 0:
-            order = rng.permutation(len(train))
-            held = set(order[: max(1, round(len(train) * self.val_fraction))].tolist())
-            if len(held) >= len(train):
-                raise RecipeError("data.val_fraction", "holding out validation leaves no training data")
-            val = [c for i, c in enumerate(train) if i in held]
-            train = [c for i, c in enumerate(train) if i not in held]
         else:
-            val = []
+            val = [train[i] for i in picked.get("val", ())]
+        train = [train[i] for i in picked["train"]]
         logger.info("conversations: train %d, val %d", len(train), len(val))
         return {"train": train, "val": val}
 
@@ -268,13 +253,12 @@ class InstructionData(pl.LightningDataModule):
             samples.append({"prompt": prompt, "prompt_ids": ids, "reference": messages[-1]["content"]})
         return samples
 
+    @override
     def train_dataloader(self) -> DataLoader:
-        dataset = self.datasets["train"]
-        return self._loader(dataset, self.batch_size, EpochShuffleSampler(len(dataset), self.seed))
+        return self.train_loader(self.datasets["train"])
 
+    @override
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # An empty list tells Lightning there is no validation.
         dataset = self.datasets["val"]
-        return self._loader(dataset, self.eval_batch_size) if len(dataset) else []
-
-    def _loader(self, dataset: TokenRows, batch_size: int, sampler: Any = None) -> DataLoader:
-        return make_loader(dataset, batch_size, self.num_workers, self.seed, sampler)
+        return self.eval_loader(dataset) if len(dataset) else []

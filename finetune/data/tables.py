@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,9 @@ def read_table(path: str | Path, key: str, encoding: str = "auto") -> pd.DataFra
         table = pd.read_parquet(path) if text is None else _parse_text(text, suffix)
     except (ValueError, OSError) as error:
         # pandas' parser errors subclass ValueError; one line is enough to locate the bad file.
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RecipeError(key, f"cannot read {path.name}: {first_line}; check the file's format") from error
+        raise RecipeError(
+            key, f"cannot read {path.name}: {first_line(error)}; check the file's format"
+        ) from error
     if table.empty:
         raise RecipeError(key, f"{path.name} has no rows; give a table with a header and at least one row")
     return table

@@ -9,8 +9,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from finetune.data.base import ClassificationData, NamedTable, RowDataset
-from finetune.errors import RecipeError
+from finetune.data.classification import ClassificationData, NamedTable, RowDataset
+from finetune.errors import RecipeError, first_line, require
 from finetune.paths import is_local_path, resolve_path
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ class TextClassificationData(ClassificationData):
             dataset_config: the dataset's configuration (subset) name, if it has several.
         """
         super().__init__(**kwargs)
-        if max_length < 1:
-            raise RecipeError("data.max_length", f"must be 1 or more, got {max_length}")
+        require(max_length > 0, "data.max_length", f"must be 1 or more, got {max_length}")
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.max_length = max_length
@@ -90,10 +89,9 @@ class TextClassificationData(ClassificationData):
         try:
             loaded = datasets.load_dataset(source, self.dataset_config)
         except (datasets.exceptions.DatasetsError, OSError, ConnectionError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RecipeError(
                 "data.dataset",
-                f"cannot load {name!r} ({first}); give a local dataset folder or a cached dataset name",
+                f"cannot load {name!r} ({first_line(error)}); give a local dataset folder or a cached dataset name",
             ) from error
         logger.info("loaded dataset %s with splits %s", name, ", ".join(loaded))
         return loaded

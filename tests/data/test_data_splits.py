@@ -7,7 +7,7 @@ import json
 import pytest
 
 from finetune.data import TextClassificationData
-from finetune.data.base import EpochShuffleSampler
+from finetune.data.loaders import EpochShuffleSampler
 from finetune.errors import RecipeError
 
 
@@ -181,6 +181,9 @@ def test_unlabelled_predict_without_train_data_has_no_labels(write_csv, bert_bac
         ({"val_fraction": 0.5, "test_fraction": 0.5}, "data.test_fraction"),
         ({"limit": 0}, "data.limit"),
         ({"batch_size": 0}, "data.batch_size"),
+        ({"eval_batch_size": 0}, "data.eval_batch_size"),
+        ({"num_workers": -1}, "data.num_workers"),
+        ({"seed": -1}, "data.seed"),
         ({"labels": []}, "data.labels"),
         ({"labels": ["a", "a"]}, "data.labels"),
         ({"max_length": 0}, "data.max_length"),

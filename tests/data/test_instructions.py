@@ -95,6 +95,29 @@ def test_bad_instruction_files(tiny_llama_dir, tmp_path):
         InstructionData(train="x", max_length=1)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"val_fraction": 1.0}, "data.val_fraction"),
+        ({"limit": 0}, "data.limit"),
+        ({"batch_size": 0}, "data.batch_size"),
+        ({"eval_batch_size": 0}, "data.eval_batch_size"),
+        ({"num_workers": -1}, "data.num_workers"),
+        ({"seed": -1}, "data.seed"),
+    ],
+)
+def test_bad_settings_name_their_key(kwargs, key):
+    with pytest.raises(RecipeError) as info:
+        InstructionData(train="x", **kwargs)
+    assert info.value.key == key
+
+
+def test_holding_out_every_conversation_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", ROWS[:1])
+    with pytest.raises(RecipeError, match=r"^data\.val_fraction: holding out 1 of 1 train rows"):
+        InstructionData(train=str(path), val_fraction=0.1).conversations  # noqa: B018
+
+
 def test_loaders_draw_nothing_from_the_global_rng(tiny_llama_dir, tmp_path):
     # A resumed run creates loader iterators at other moments than an uninterrupted one; if creating them
     # drew from the global RNG, the resumed run would get other dropout masks.

@@ -1,0 +1,319 @@
+"""What text and image classification data share: splits, the label list and batching of table rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+from finetune.batch import INDEX, LABELS, NOT_MODEL_INPUTS
+from finetune.data.labels import checked_labels, sorted_labels
+from finetune.data.loaders import LoaderDataModule
+from finetune.data.splits import check_hold_out, hold_out
+from finetune.data.tables import read_table
+from finetune.errors import RecipeError, require
+from finetune.paths import resolve_path
+
+logger = logging.getLogger(__name__)
+
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+MISSING_SPLIT_FIX = {
+    "train": "set data.train",
+    "val": "set data.val, or data.val_fraction above 0 with data.train",
+    "test": "set data.test, or data.test_fraction above 0 with data.train",
+    "predict": "set data.predict (or data.test / data.val)",
+}
+
+
+class NamedTable(NamedTuple):
+    """A split's rows and the name used for it in error messages (usually the file name)."""
+
+    rows: pd.DataFrame
+    name: str
+
+
+class RowDataset(Dataset, ABC):
+    """Item ``i`` is row ``i``'s model inputs plus ``index`` (``i``) and, when known, ``labels`` (class id).
+
+    Subclasses say how a row becomes model inputs and how inputs are batched; ``collate`` adds the rest.
+    """
+
+    def __init__(self, size: int, label_ids: Sequence[int] | None) -> None:
+        self.size = size
+        self.label_ids = label_ids
+
+    @abstractmethod
+    def inputs(self, row: int) -> dict[str, Any]:
+        """The model inputs of one row."""
+
+    @abstractmethod
+    def collate_inputs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Batch the model inputs of several rows."""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        item = self.inputs(row)
+        item[INDEX] = row
+        if self.label_ids is not None:
+            item[LABELS] = self.label_ids[row]
+        return item
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        inputs = [{k: v for k, v in item.items() if k not in NOT_MODEL_INPUTS} for item in items]
+        batch = self.collate_inputs(inputs)
+        for key in NOT_MODEL_INPUTS:
+            if key in items[0]:
+                batch[key] = torch.tensor([item[key] for item in items], dtype=torch.long)
+        return batch
+
+
+class ClassificationData(LoaderDataModule, ABC):
+    """Splits, labels and loaders for classification; subclasses turn table rows into model inputs.
+
+    Batches are dicts of model inputs plus ``labels`` (class ids; absent when the split has no label column)
+    and ``index`` (each row's position in its split, see ``predict_table``).
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        predict: str | None = None,
+        label_column: str = "label",
+        labels: list[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        limit: int | None = None,
+        encoding: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            train: training data file or folder (``pkg://package/path`` works too).
+            val: validation data; default: ``val_fraction`` of ``train``.
+            test: test data; default: ``test_fraction`` of ``train``.
+            predict: data to predict on; default: the test split, else the validation split.
+            label_column: column holding the class label.
+            labels: the classes in class-index order; default: the train labels, sorted (numerically when
+                they are all integers).
+            val_fraction: share of ``train`` held out for validation when ``val`` is not given.
+            test_fraction: share of ``train`` held out for testing when ``test`` is not given.
+            limit: use a random sample of this many train rows (taken before holding out val/test).
+            encoding: text encoding of table files; ``auto`` reads UTF-8 and replaces undecodable bytes.
+        """
+        super().__init__(**kwargs)
+        check_hold_out({"val": val_fraction, "test": test_fraction}, limit)
+        self.sources = {"train": train, "val": val, "test": test, "predict": predict}
+        self.label_column = label_column
+        self.given_labels = checked_labels(labels)
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.limit = limit
+        self.encoding = encoding
+        self._labels: list[str] | None = None
+        self._tables: dict[str, pd.DataFrame | None] = {}
+        # The train rows before val/test are held out: the class list comes from all of them, so a class
+        # whose few rows all land in val is still a class.
+        self._train_pool: pd.DataFrame | None = None
+        self._datasets: dict[str, RowDataset] = {}
+
+    # --- what subclasses provide ---------------------------------------------------------------------
+
+    @abstractmethod
+    def input_columns(self) -> dict[str, str]:
+        """Columns every split must have, keyed by the recipe key that names them."""
+
+    @abstractmethod
+    def make_dataset(self, rows: pd.DataFrame, split: str, label_ids: list[int] | None) -> RowDataset:
+        """The dataset for one split's rows."""
+
+    def read_split(self, split: str) -> NamedTable | None:
+        """The table given for ``split``, or None when the recipe gives none."""
+        source = self.sources[split]
+        if source is None:
+            return None
+        key = f"data.{split}"
+        return self.read_path(resolve_path(source, key), key)
+
+    def read_path(self, path: Path, key: str) -> NamedTable:
+        """Read one split's file; subclasses accept other layouts (image folders)."""
+        if path.is_dir():
+            raise RecipeError(key, f"{path} is a folder; give a table file (.csv, .tsv, .jsonl, .parquet)")
+        return NamedTable(read_table(path, key, self.encoding), path.name)
+
+    # --- labels ----------------------------------------------------------------------------------------
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names in class-index order: ``labels`` if given, else those of all train rows (before holding out)."""
+        if self._labels is None:
+            self._labels = self._resolve_labels()
+        return list(self._labels)
+
+    def _resolve_labels(self) -> list[str]:
+        self.table("train")  # fills self._train_pool
+        pool = self._train_pool
+        found = None if pool is None else sorted_labels(pool[self.label_column])
+        if self.given_labels is None:
+            if found is None:
+                raise RecipeError(
+                    "data.train", "no train data to read the class labels from; set data.train or data.labels"
+                )
+            return found
+        unknown = sorted(set(found or ()) - set(self.given_labels))
+        if unknown:
+            raise RecipeError(
+                "data.labels",
+                f"train labels {unknown} are not in the label list {self.given_labels}; add them or drop those rows",
+            )
+        return list(self.given_labels)
+
+    def _labels_known(self) -> bool:
+        return self._labels is not None or self.given_labels is not None or self.table("train") is not None
+
+    def _label_ids(self, split: str, rows: pd.DataFrame) -> list[int] | None:
+        if self.label_column not in rows.columns or (split == "predict" and not self._labels_known()):
+            # Predict files may be unlabelled, and predicting from a checkpoint may have no train data.
+            return None
+        index = {label: i for i, label in enumerate(self.labels)}
+        unknown = sorted(set(rows[self.label_column]) - set(index))
+        if unknown:
+            origin = "are not in data.labels" if self.given_labels is not None else "do not occur in train"
+            raise RecipeError(
+                f"data.{split}", f"labels {unknown} {origin}; drop those rows or fix the labels"
+            )
+        return [index[label] for label in rows[self.label_column]]
+
+    def save_labels(self, directory: Path) -> Path:
+        """Write ``labels.json`` (a JSON list in class-index order) into ``directory``; return its path."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "labels.json"
+        path.write_text(json.dumps(self.labels, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        restored = [str(label) for label in state_dict["labels"]]
+        if self._labels is not None and self._labels != restored:
+            raise RecipeError(
+                "data.labels",
+                f"the checkpoint has labels {restored} but this data gives {self._labels}; set data.labels to match",
+            )
+        self.given_labels = restored
+
+    # --- splits ------------------------------------------------------------------------------------------
+
+    def table(self, split: str) -> pd.DataFrame | None:
+        """The rows of ``split`` (row ``i`` has ``index`` ``i`` in batches), or None when there are none."""
+        if split not in self._tables:
+            self._tables.update(self._predict_split() if split == "predict" else self._fit_splits())
+        return self._tables[split]
+
+    def predict_table(self) -> pd.DataFrame:
+        """The rows of the predict split, in predict-loader order; join predictions on ``index``."""
+        rows = self.table("predict")
+        if rows is None:
+            raise RecipeError("data.predict", f"no data to predict on; {MISSING_SPLIT_FIX['predict']}")
+        return rows
+
+    def _load(self, split: str) -> pd.DataFrame | None:
+        named = self.read_split(split)
+        if named is None:
+            return None
+        rows, name = named
+        for key, column in self.input_columns().items():
+            _require_column(rows, column, key, name)
+        if self.label_column not in rows.columns:
+            if split != "predict":
+                _require_column(rows, self.label_column, "data.label_column", name)
+            return rows
+        missing = int(rows[self.label_column].isna().sum())
+        require(
+            missing == 0,
+            f"data.{split}",
+            f"{missing} rows of {name} have no {self.label_column!r} value; fill them in or drop those rows",
+        )
+        rows = rows.copy()
+        rows[self.label_column] = rows[self.label_column].astype(str)
+        return rows
+
+    def _fit_splits(self) -> dict[str, pd.DataFrame | None]:
+        """train/val/test: read the given ones, then sample train and hold out the missing ones from it."""
+        splits = {split: self._load(split) for split in ("train", "val", "test")}
+        train = splits["train"]
+        if train is not None:
+            fractions = {"val": self.val_fraction, "test": self.test_fraction}
+            missing = {split: fraction for split, fraction in fractions.items() if splits[split] is None}
+            picked = hold_out(len(train), missing, self.seed, self.limit)
+            self._train_pool = train.iloc[np.sort(np.concatenate(list(picked.values())))]
+            splits.update({split: train.iloc[indices] for split, indices in picked.items()})
+        logger.info(
+            "data rows: %s", ", ".join(f"{s} {0 if t is None else len(t)}" for s, t in splits.items())
+        )
+        return {
+            split: None if rows is None else rows.reset_index(drop=True) for split, rows in splits.items()
+        }
+
+    def _predict_split(self) -> dict[str, pd.DataFrame | None]:
+        rows = self._load("predict")
+        if rows is None:
+            rows = next((t for t in (self.table("test"), self.table("val")) if t is not None), None)
+        return {"predict": rows}
+
+    # --- Lightning hooks ------------------------------------------------------------------------------
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Build the datasets of ``stage``'s splits (validation is optional when fitting)."""
+        for split in STAGE_SPLITS[stage]:
+            optional = stage == "fit" and split == "val"
+            if not (optional and self.table(split) is None):
+                self.split_dataset(split)
+
+    def split_dataset(self, split: str) -> RowDataset:
+        """The (cached) dataset of ``split``; RecipeError when the recipe gives no data for it."""
+        if split not in self._datasets:
+            rows = self.table(split)
+            if rows is None:
+                raise RecipeError(f"data.{split}", f"no {split} data; {MISSING_SPLIT_FIX[split]}")
+            self._datasets[split] = self.make_dataset(rows, split, self._label_ids(split, rows))
+        return self._datasets[split]
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader(self.split_dataset("train"))
+
+    @override
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # An empty list tells Lightning there is no validation (val_fraction 0 and no data.val).
+        return [] if self.table("val") is None else self.eval_loader(self.split_dataset("val"))
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_loader(self.split_dataset("test"))
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self.eval_loader(self.split_dataset("predict"))
+
+
+def _require_column(rows: pd.DataFrame, column: str, key: str, name: str) -> None:
+    if column not in rows.columns:
+        columns = ", ".join(map(str, rows.columns))
+        raise RecipeError(key, f"column {column!r} not in {name}; columns are: {columns}")
