@@ -83,8 +83,8 @@ class FinetuneCLI(LightningCLI):
         ours = issubclass(task, FinetuneTask)
         checkpoint = "lightning.pytorch.callbacks.ModelCheckpoint"
         best = Namespace(
-            monitor=task.monitor if ours else None,
-            mode=task.monitor_mode if ours else "min",
+            monitor=task.monitor.metric if ours else None,
+            mode=task.monitor.mode if ours else "min",
             filename=runs.BEST,
             auto_insert_metric_name=False,
         )

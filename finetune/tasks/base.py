@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -22,6 +22,14 @@ from finetune.tasks.loss_terms import LossTerm, StepOutputs
 LOSS_MODULES = "loss_modules"
 
 
+class Monitor(NamedTuple):
+    """The metric that picks the best checkpoint (and that a ``plateau`` schedule watches), and which way is
+    better."""
+
+    metric: str
+    mode: Literal["min", "max"]
+
+
 class FinetuneTask(pl.LightningModule):
     """Base LightningModule: subclasses build ``self.model`` (and ``self.layout``) in ``build_model``.
 
@@ -29,7 +37,7 @@ class FinetuneTask(pl.LightningModule):
     reach the optimizer, in the groups ``optimizer`` describes (``finetune.optim.param_groups``); the LR
     follows ``lr_scheduler`` per optimizer step. Frozen BatchNorm layers follow the strategy's
     ``batchnorm`` policy in training.
-    Subclasses declare the metric checkpoints follow in ``monitor`` / ``monitor_mode``. Under a strategy
+    Subclasses declare the metric checkpoints follow in ``monitor``. Under a strategy
     with ``trainable_only_checkpoints`` (adapters), checkpoints hold only the trained weights and buffers,
     and loading one checks that every trained weight is there.
 
@@ -47,8 +55,7 @@ class FinetuneTask(pl.LightningModule):
             recipe, the top-level ``lr_scheduler:`` section.
     """
 
-    monitor = "val/loss"
-    monitor_mode = "min"
+    monitor: ClassVar[Monitor] = Monitor("val/loss", "min")
 
     def __init__(
         self,
@@ -205,7 +212,9 @@ class FinetuneTask(pl.LightningModule):
         groups = param_groups(self.model, self.layout, self.optimizer_config) + self._loss_module_groups()
         optimizer = build_optimizer(groups, self.optimizer_config)
         steps = total_steps(self.trainer)
-        schedules = build_schedule(optimizer, self.schedule_config, steps, self.monitor, self.monitor_mode)
+        schedules = build_schedule(
+            optimizer, self.schedule_config, steps, self.monitor.metric, self.monitor.mode
+        )
         return [optimizer], schedules
 
     def _loss_module_groups(self) -> list[dict[str, Any]]:

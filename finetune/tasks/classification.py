@@ -19,7 +19,7 @@ from finetune.batch import model_inputs
 from finetune.errors import RecipeError
 from finetune.export import export_classifier
 from finetune.strategies import Strategy
-from finetune.tasks.base import FinetuneTask
+from finetune.tasks.base import FinetuneTask, Monitor
 from finetune.tasks.loss_terms import StepOutputs
 
 
@@ -40,8 +40,7 @@ class ClassificationTask(FinetuneTask):
         **kwargs: ``optimizer`` and ``lr_scheduler``, as ``FinetuneTask`` takes them.
     """
 
-    monitor = "val/acc"
-    monitor_mode = "max"
+    monitor = Monitor("val/acc", "max")
 
     def __init__(
         self,

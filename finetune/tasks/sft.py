@@ -51,9 +51,6 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
         **kwargs: ``optimizer`` and ``lr_scheduler``, as ``FinetuneTask`` takes them.
     """
 
-    monitor = "val/loss"
-    monitor_mode = "min"
-
     def __init__(
         self,
         backbone: str | Backbone,
