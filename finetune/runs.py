@@ -30,6 +30,7 @@ EXPORT = "export"
 CHECKPOINTS = "checkpoints"
 BEST = "best-epoch{epoch}-step{step}"  # ModelCheckpoint filename pattern; files start with "best-"
 LAST = "last"
+SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint folders hold besides the shards
 KEY = "RUN_DIR"
 
 
@@ -61,8 +62,8 @@ def find_checkpoint(run: Path) -> Path:
     best = sorted(folder.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
     if best:
         return best[-1]
-    last = folder / f"{LAST}.ckpt"
-    if last.is_file():
+    last = folder / f"{LAST}.ckpt"  # a file, or a folder of shards (fsdp2)
+    if last.exists():
         return last
     raise RecipeError(KEY, f"{run} has no {CHECKPOINTS}/*.ckpt; train it first (or give another run)")
 
@@ -92,15 +93,23 @@ def task_class(run: Path) -> type[FinetuneTask]:
 
 
 def load_run(run: Path) -> FinetuneTask:
-    """The run's task with its model built and its (best) checkpoint's weights loaded, on the CPU.
+    """The run's task with its model built and its (best) checkpoint's weights loaded, on the CPU."""
+    return load_checkpoint(find_checkpoint(run), task_class(run))
 
-    The task is rebuilt from the checkpoint's hyperparameters (plain data, read with ``weights_only=True``).
+
+def load_checkpoint(path: Path, cls: type[FinetuneTask]) -> FinetuneTask:
+    """A ``cls`` task rebuilt from checkpoint ``path``'s hyperparameters (plain data, read with
+    ``weights_only=True``) with its weights loaded, on the CPU, in one process.
+
+    ``path`` is a checkpoint file, or the folder a sharded run (``fsdp2``) writes: its shards are
+    consolidated into the rebuilt model here, without a process group or a GPU.
     """
     import torch
 
-    path = find_checkpoint(run)
-    cls = task_class(run)
-    checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    sharded = path.is_dir()
+    checkpoint: dict[str, Any] = torch.load(
+        path / SHARDED_METADATA if sharded else path, map_location="cpu", weights_only=True
+    )
     hparams = checkpoint["hyper_parameters"]
     parameters = inspect.signature(cls.__init__).parameters.values()
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
@@ -108,5 +117,17 @@ def load_run(run: Path) -> FinetuneTask:
         hparams = {k: v for k, v in hparams.items() if k in {p.name for p in parameters}}
     task = cls(**hparams)
     task.configure_model()
-    task.load_weights(checkpoint["state_dict"])
+    task.load_weights(_sharded_weights(path, task) if sharded else checkpoint["state_dict"])
     return task
+
+
+def _sharded_weights(path: Path, task: FinetuneTask) -> dict[str, Any]:
+    """The weights of a sharded checkpoint folder, read into tensors shaped like ``task``'s own."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    stored = {key.partition(".")[2] for key in metadata.state_dict_metadata if key.startswith("state_dict.")}
+    own = task.state_dict()
+    weights = {name: tensor.clone() for name, tensor in own.items() if name in stored}
+    dcp.load({"state_dict": weights}, checkpoint_id=str(path), no_dist=True)
+    return weights

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 from typing_extensions import override
 
 from finetune import runs
+from finetune.errors import RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,8 @@ class ExportModel(pl.Callback):
 
     Contract: the module implements ``load_weights(state_dict)`` and ``export(directory: Path) -> Path``
     (every ``finetune`` task does; adapter runs export the adapters alone, see ``python -m finetune export``).
+    A sharded model (``fsdp2``) is exported by rank 0 from the checkpoint (best, else the latest), consolidated
+    on the CPU as ``python -m finetune export`` does, so a sharded run needs checkpointing.
     """
 
     def __init__(self, dirname: str = runs.EXPORT, use_best: bool = True) -> None:
@@ -28,6 +33,9 @@ class ExportModel(pl.Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if is_sharded(pl_module):
+            self._export_from_checkpoint(trainer, pl_module, best)
+            return
         if self.use_best and best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             pl_module.load_weights(state)
@@ -36,3 +44,34 @@ class ExportModel(pl.Callback):
             directory = pl_module.export(runs.run_dir(trainer) / self.dirname)
             log.info("Exported the model to %s", directory)
         trainer.strategy.barrier("export")
+
+    def _export_from_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, best: str) -> None:
+        latest = max(
+            (
+                Path(p)
+                for c in trainer.checkpoint_callbacks
+                for p in (c.last_model_path, c.best_model_path)
+                if p
+            ),
+            key=lambda path: path.stat().st_mtime,
+            default=None,
+        )
+        path = Path(best) if self.use_best and best else latest
+        if path is None:
+            raise RecipeError(
+                "trainer.enable_checkpointing",
+                "a sharded model is exported from its checkpoint; keep checkpointing on, or export yourself",
+            )
+        trainer.strategy.barrier("checkpoint written")
+        if trainer.is_global_zero:
+            task = runs.load_checkpoint(path, type(pl_module))
+            directory = task.export(runs.run_dir(trainer) / self.dirname)
+            log.info("Exported the model of %s to %s", path, directory)
+        trainer.strategy.barrier("export")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when some parameter of ``module`` is a shard (a DTensor: FSDP2 or tensor parallelism)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())

@@ -169,6 +169,8 @@ class FinetuneTask(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:
+            return  # a sharded checkpoint (fsdp2): the strategy has loaded the shards itself
         checkpoint["state_dict"] = self._without_stray_loss_modules(checkpoint["state_dict"])
         self._check_complete(checkpoint["state_dict"])
 
