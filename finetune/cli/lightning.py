@@ -184,8 +184,8 @@ def run_cli(argv: list[str], run: bool = True) -> FinetuneCLI:
     """Run the Lightning CLI on ``argv`` (with ``run=False``: only build trainer, model and data, from
     ``argv`` without a subcommand); turn argument and recipe errors into ``RecipeError``."""
     from finetune.data import ImageClassificationData, InstructionData, TextClassificationData  # noqa: F401
-    from finetune.tasks import ClassificationTask, SFTTask  # noqa: F401  (registers subclasses for short class names)
     from finetune.parallel import fsdp2  # noqa: F401  (registers trainer.strategy: fsdp2)
+    from finetune.tasks import ClassificationTask, SFTTask  # noqa: F401  (registers subclasses for short class names)
 
     # Strategies are dataclasses, which jsonargparse accepts by `class_path` (LoRA, QLoRA, Partial ...)
     # only when subclassing is enabled for their base.
