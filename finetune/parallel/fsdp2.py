@@ -118,6 +118,7 @@ def shard_task(module: pl.LightningModule, mesh: Any, options: dict[str, Any]) -
             f"fsdp2 shards finetune tasks by their blocks; {type(module).__name__} is not one: call fully_shard "
             "in its configure_model and use lightning's ModelParallelStrategy",
         )
+    check_quantisation(module.strategy)
     options = dict(options)
     if options.pop("activation_checkpointing"):
         checkpoint_activations(module.model)
@@ -132,6 +133,25 @@ def shard_task(module: pl.LightningModule, mesh: Any, options: dict[str, Any]) -
             register_fsdp_forward_method(model, method)
     if any(True for _ in module.loss_modules.parameters()):
         fully_shard(module.loss_modules, mesh=mesh, **options)
+
+
+def check_quantisation(strategy: Any) -> None:
+    """FSDP shards a block's parameters together, so 4-bit weights must be stored in the compute dtype, and
+    8-bit (LLM.int8) weights cannot be sharded at all."""
+    from finetune.strategies import QLoRA
+
+    if not isinstance(strategy, QLoRA):
+        return
+    if strategy.bits == 8:
+        raise RecipeError(
+            "model.strategy.bits", "8-bit weights cannot be sharded by fsdp2; use bits: 4, or ddp"
+        )
+    if strategy.quant_storage != strategy.compute_dtype:
+        raise RecipeError(
+            "model.strategy.quant_storage",
+            f"fsdp2 shards 4-bit weights only when they are stored in the compute dtype; set quant_storage: "
+            f"{strategy.compute_dtype} (now {strategy.quant_storage})",
+        )
 
 
 def checkpoint_activations(model: nn.Module) -> None:

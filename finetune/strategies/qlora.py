@@ -28,6 +28,9 @@ class QLoRA(LoRA):
         double_quant: also quantise the 4-bit quantisation constants (about 0.4 bits per weight saved).
         compute_dtype: dtype 4-bit layers compute in, that the frozen non-quantised weights keep, and that a
             merged export is written in. ``float32`` on CPU; ``bfloat16`` on recent GPUs.
+        quant_storage: the dtype 4-bit weights are packed into. ``uint8`` (default) on one device or under
+            DDP; set it to ``compute_dtype`` to shard with ``fsdp2``, so every shard of a block holds one dtype
+            (the QLoRA-on-FSDP recipe).
         gradient_checkpointing: recompute activations in backward to save memory (non-reentrant, so the
             adapters still get gradients through frozen inputs).
     """
@@ -36,6 +39,7 @@ class QLoRA(LoRA):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: DtypeName = "bfloat16"
+    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -56,6 +60,9 @@ class QLoRA(LoRA):
                 bnb_4bit_quant_type=self.quant_type,
                 bnb_4bit_use_double_quant=self.double_quant,
                 bnb_4bit_compute_dtype=self.dtype,
+                bnb_4bit_quant_storage=torch.uint8
+                if self.quant_storage == "uint8"
+                else DTYPES[self.quant_storage],
             )
         else:
             quantization = BitsAndBytesConfig(load_in_8bit=True)

@@ -1,8 +1,10 @@
 """Tiny fine-tuning runs for the sharding tests, the same in one process and under torchrun.
 
 ``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/helpers/parallel_run.py CASES.json``
-(repository root on ``PYTHONPATH``) runs every case of CASES.json with ``trainer.strategy: fsdp2`` on 2 CPU
-processes; the tests call ``run_case`` in their own process for the one-process reference of the same global
+(repository root on ``PYTHONPATH``) runs every case of CASES.json with ``FSDP2Strategy(**case["fsdp2"])`` on
+2 CPU processes (a case: ``kind`` hf | timm | causal_lm, ``backbone``, ``vocab``, ``strategy``, ``batch``
+(global), ``devices``, ``root``, ``out``; optional ``unfreeze``, ``teacher``, ``epochs``, ``checkpoints``,
+``resume``, ``fsdp2``); the tests call ``run_case`` in their own process for the one-process reference of the same global
 batch. Each case writes ``<out>.pt`` (rank 0): per-step losses of every rank, and the full (gathered)
 weights before and after training.
 """
@@ -96,19 +98,22 @@ def full_state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """Train ``case`` with ``case["devices"]`` processes; the global batch is ``case["batch"]``."""
-    from finetune.callbacks import GradualUnfreezing
+    from finetune.callbacks import Distillation, GradualUnfreezing
+    from finetune.parallel.fsdp2 import FSDP2Strategy
 
     pl.seed_everything(0, verbose=False)
     devices = case["devices"]
     callbacks: list[pl.Callback] = [Record()]
     if case.get("unfreeze"):
         callbacks.append(GradualUnfreezing(every=1, interval="step"))
+    if case.get("teacher"):
+        callbacks.append(Distillation(teacher=case["teacher"], alpha=0.5, temperature=2.0))
     if case.get("checkpoints"):
         callbacks.append(ModelCheckpoint(dirpath=case["checkpoints"], filename="last", save_top_k=-1))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="fsdp2" if devices > 1 else "auto",
+        strategy=FSDP2Strategy(**case.get("fsdp2", {})) if devices > 1 else "auto",
         max_epochs=case.get("epochs", 2),
         logger=False,
         enable_checkpointing=bool(case.get("checkpoints")),
@@ -134,8 +139,6 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    import finetune.parallel.fsdp2  # noqa: F401  (registers "fsdp2")
-
     for case in json.loads(Path(sys.argv[1]).read_text()):
         result = run_case(case)
         if result["rank"] == 0:

@@ -16,22 +16,29 @@ import torch
 from finetune.callbacks.export import is_sharded
 from finetune.runs import load_checkpoint
 from finetune.tasks import ClassificationTask
-from tests.helpers.models import make_tokenizer
-from tests.helpers.parallel_run import run_case
+from tests.helpers.models import bert_folder, export_classifier, make_tokenizer
+from tests.helpers.parallel_run import LABELS, run_case
 
 SCRIPT = Path(__file__).parents[1] / "helpers" / "parallel_run.py"
 REPOSITORY = Path(__file__).parents[2]
 
-# name -> (model kind, strategy, gradual unfreezing); every case also runs in one process.
+# name -> the case (see tests/helpers/parallel_run.py); every case also runs in one process.
 CASES = {
-    "hf-full": ("hf", "full", False),
-    "hf-partial": ("hf", {"name": "partial", "last_blocks": 1}, False),
-    "hf-lora": ("hf", "lora", False),
-    "hf-unfreezing": ("hf", "full", True),
-    "timm-full": ("timm", "full", False),
-    "timm-partial": ("timm", {"name": "partial", "last_blocks": 1}, False),
-    "timm-lora": ("timm", "lora", False),
-    "llama-lora-token-loss": ("causal_lm", "lora", False),
+    "hf-full": {"kind": "hf", "strategy": "full"},
+    "hf-partial": {"kind": "hf", "strategy": {"name": "partial", "last_blocks": 1}},
+    "hf-lora": {"kind": "hf", "strategy": "lora"},
+    "hf-unfreezing": {"kind": "hf", "strategy": "full", "unfreeze": True},
+    "hf-checkpointing": {"kind": "hf", "strategy": "full", "fsdp2": {"activation_checkpointing": True}},
+    "hf-distillation": {"kind": "hf", "strategy": "full", "distil": True},
+    "timm-full": {"kind": "timm", "strategy": "full"},
+    "timm-partial": {"kind": "timm", "strategy": {"name": "partial", "last_blocks": 1}},
+    "timm-lora": {"kind": "timm", "strategy": "lora"},
+    "llama-lora-token-loss": {"kind": "causal_lm", "strategy": "lora"},
+    # QLoRA on FSDP: 4-bit weights packed in the compute dtype (float32 on CPU), so shards are uniform.
+    "llama-qlora": {
+        "kind": "causal_lm",
+        "strategy": {"name": "qlora", "compute_dtype": "float32", "quant_storage": "float32"},
+    },
 }
 
 
@@ -57,13 +64,13 @@ def bert_without_dropout(tmp_path_factory) -> Path:
     return directory
 
 
-def case(name: str, root: Path, backbones: dict, **extra) -> dict:
-    kind, strategy, unfreeze = CASES[name]
-    backbone, vocab = backbones[kind]
-    spec = {"kind": kind, "backbone": backbone, "vocab": vocab, "strategy": strategy, "unfreeze": unfreeze}
-    return (
-        spec | {"devices": 2, "batch": 8, "root": str(root / name), "out": str(root / f"{name}.pt")} | extra
-    )
+def case(name: str, root: Path, backbones: dict, teacher: Path, **extra) -> dict:
+    spec = dict(CASES[name])
+    backbone, vocab = backbones[spec["kind"]]
+    if spec.pop("distil", False):
+        spec["teacher"] = str(teacher)
+    spec |= {"backbone": backbone, "vocab": vocab, "devices": 2, "batch": 8}
+    return spec | {"root": str(root / name), "out": str(root / f"{name}.pt")} | extra
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +79,23 @@ def sharded(tmp_path_factory, bert_without_dropout, tiny_timm_checkpoint, tiny_l
     root = tmp_path_factory.mktemp("fsdp2")
     from transformers import AutoTokenizer
 
+    # A wider BERT teacher over the same classes and tokenizer, replicated on every process.
+    teacher = export_classifier(
+        bert_folder(root / "teacher-backbone", bert_without_dropout, hidden=48), LABELS, root / "teacher"
+    )
+
     backbones = {
         "hf": (str(bert_without_dropout), len(AutoTokenizer.from_pretrained(bert_without_dropout))),
         "timm": ({"name": "timm:test_vit", "checkpoint": str(tiny_timm_checkpoint)}, 0),
         "causal_lm": (str(tiny_llama_dir), len(AutoTokenizer.from_pretrained(tiny_llama_dir))),
     }
-    cases = [case(name, root, backbones) for name in CASES]
+    cases = [case(name, root, backbones, teacher) for name in CASES]
+    checkpoints = str(root / "ckpt")
     half = case(
-        "hf-full", root, backbones, epochs=1, checkpoints=str(root / "ckpt"), out=str(root / "half.pt")
+        "hf-full", root, backbones, teacher, epochs=1, checkpoints=checkpoints, out=str(root / "half.pt")
     )
-    resumed = case(
-        "hf-full", root, backbones, resume=str(root / "ckpt" / "last.ckpt"), out=str(root / "resumed.pt")
-    )
+    resume = str(root / "ckpt" / "last.ckpt")
+    resumed = case("hf-full", root, backbones, teacher, resume=resume, out=str(root / "resumed.pt"))
     spec = root / "cases.json"
     spec.write_text(json.dumps([*cases, half, resumed]))
     done = subprocess.run(
@@ -95,7 +107,7 @@ def sharded(tmp_path_factory, bert_without_dropout, tiny_timm_checkpoint, tiny_l
             "--nproc_per_node=2",
             str(SCRIPT),
             str(spec),
-        ],
+        ],  # fmt: skip
         cwd=root,
         env=os.environ | {"PYTHONPATH": str(REPOSITORY)},
         capture_output=True,
@@ -114,8 +126,15 @@ def sharded(tmp_path_factory, bert_without_dropout, tiny_timm_checkpoint, tiny_l
     }
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (4-bit weights packed into float32 words may read as NaN, which never equals itself)."""
+    return a.shape == b.shape and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
+    )
+
+
 def changed(result: dict) -> set[str]:
-    return {k for k, v in result["final"].items() if not torch.equal(v, result["initial"][k])}
+    return {k for k, v in result["final"].items() if not same_bits(v, result["initial"][k])}
 
 
 EXPECTED = {  # prefixes of the parameters that train, per strategy
@@ -132,40 +151,31 @@ def test_two_sharded_processes_equal_one_process(sharded, name):
     spec = next(c for c in sharded["cases"] if c["out"].endswith(f"/{name}.pt"))
     got = sharded["results"][spec["out"]]
     reference = run_case(spec | {"devices": 1, "root": str(sharded["root"] / f"{name}-1")})
-    # The losses of the two halves of each global batch average to the one-process loss (token-level
-    # normalisation: the two ranks' token counts are all-reduced, and the logged loss is per micro-batch).
-    if CASES[name][0] != "causal_lm":
-        assert torch.allclose(got["losses"].mean(0), reference["losses"][0], rtol=1e-4, atol=1e-6)
-    # Each parameter's update (final - initial) in 2 processes equals the 1-process update to within 1% of
-    # its largest element: sums in another order round differently, and Adam's normalisation turns that
-    # rounding into visible (but tiny) differences on elements whose gradient is nearly zero.
-    for key, value in reference["final"].items():
-        update = (value - reference["initial"][key]).abs().max()
-        assert (got["final"][key] - value).abs().max() <= 0.01 * update + 1e-6, key
+    # Per-sample means (classification) average over the ranks; token-level sums add up.
+    combined = got["losses"].sum(0) if spec["kind"] == "causal_lm" else got["losses"].mean(0)
+    assert torch.allclose(combined, reference["losses"][0], rtol=1e-4, atol=1e-6)
+    # Sharded state dicts hold parameters and buffers; bitsandbytes' quantisation statistics ride along only
+    # in the one-process state dict.
+    assert set(got["final"]) <= set(reference["final"])
     moved = changed(got)
     assert moved == changed(reference)
-    strategy = CASES[name][1] if isinstance(CASES[name][1], str) else f"partial-{CASES[name][0]}"
-    if CASES[name][0] == "causal_lm":
+    # Each trained parameter's update (final - initial) in 2 processes equals the 1-process update to within
+    # 1% of its largest element: sums in another order round differently, and Adam's normalisation turns
+    # that rounding into visible (but tiny) differences on elements whose gradient is nearly zero.
+    for key in moved:
+        update = (reference["final"][key] - reference["initial"][key]).abs().max()
+        assert (got["final"][key] - reference["final"][key]).abs().max() <= 0.01 * update + 1e-6, key
+    for key in set(got["final"]) - moved:  # frozen: bitwise what it was, in both runs
+        assert same_bits(got["final"][key], reference["final"][key]), key
+    kind, strategy = spec["kind"], spec["strategy"]
+    if kind == "causal_lm":
         assert moved and all("lora_" in key for key in moved)
     else:
-        prefixes = EXPECTED[strategy]
-        assert moved == {
+        prefixes = EXPECTED[strategy if isinstance(strategy, str) else f"partial-{kind}"]
+        expected = {
             k for k in got["final"] if any(p in k if p == "lora_" else k.startswith(p) for p in prefixes)
         }
-    for key in set(got["final"]) - moved:  # frozen: bitwise what it was
-        assert torch.equal(got["final"][key], got["initial"][key])
-
-
-def test_token_counts_differ_between_the_ranks_halves():
-    """What makes the token-level case above a real check: in each global batch the two ranks' halves hold
-    different numbers of target tokens, so a mean of the two per-rank means would not equal the token mean."""
-    from tests.helpers.parallel_run import rows
-
-    spec = {"kind": "causal_lm", "vocab": 27}
-    counts = [int((r["labels"][1:] != -100).sum()) for r in rows(spec)]
-    for start in (0, 8):
-        halves = [sum(counts[start + rank : start + 8 : 2]) for rank in (0, 1)]
-        assert halves[0] != halves[1]
+        assert moved == expected
 
 
 @pytest.mark.slow
@@ -235,3 +245,24 @@ def test_cli_recipe_with_fsdp2_trains_checkpoints_adapters_only_and_exports(
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
         assert torch.allclose(plain(**batch).logits, task(batch), atol=1e-5)
+
+
+def test_qlora_under_fsdp2_needs_4bit_weights_stored_in_the_compute_dtype():
+    from finetune.errors import RecipeError
+    from finetune.parallel.fsdp2 import check_quantisation
+    from finetune.strategies import QLoRA
+
+    check_quantisation(QLoRA(compute_dtype="bfloat16", quant_storage="bfloat16"))
+    with pytest.raises(RecipeError, match="model.strategy.quant_storage: .*set quant_storage: bfloat16"):
+        check_quantisation(QLoRA(compute_dtype="bfloat16"))
+    with pytest.raises(RecipeError, match="model.strategy.bits: 8-bit weights cannot be sharded"):
+        check_quantisation(QLoRA(bits=8))
+
+
+def test_fsdp2_is_a_registered_lightning_strategy_name():
+    import lightning.pytorch as pl
+
+    import finetune.parallel.fsdp2  # noqa: F401
+
+    trainer = pl.Trainer(strategy="fsdp2", accelerator="cpu", devices=2, logger=False)
+    assert type(trainer.strategy).__name__ == "FSDP2Strategy"
