@@ -33,15 +33,6 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer_state + (self.activations or 0)
 
-    def rows(self) -> list[tuple[str, int | None]]:
-        return [
-            ("weights", self.weights),
-            ("gradients", self.gradients),
-            ("optimizer state", self.optimizer_state),
-            ("activations (one micro-batch)", self.activations),
-            ("total", self.total),
-        ]
-
 
 def activation_bytes(
     module: nn.Module, forward: Callable[[], Any], precision: str, device: torch.device

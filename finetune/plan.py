@@ -14,17 +14,24 @@ import torch
 
 from finetune.display import human, table
 from finetune.memory import activation_bytes, estimate_memory
+from finetune.parallel.placement import Placement, is_sharded
+from finetune.parallel.placement import from_trainer as placement_of
 
 log = logging.getLogger(__name__)
 
 
-def run_plan(trainer: pl.Trainer, module: pl.LightningModule) -> str:
-    """The plan as text: parameter groups, blocks, accumulation and schedule, memory estimate."""
+def run_plan(trainer: pl.Trainer, module: pl.LightningModule, placement: Placement | None = None) -> str:
+    """The plan as text: parameter groups, blocks, accumulation and schedule, memory estimate per device.
+
+    ``placement`` (default: the trainer's own) says over how many processes what is sharded; the ``plan``
+    command passes the recipe's, since it builds everything on one device.
+    """
+    placement = placement or placement_of(trainer)
     sections = [
         ("Parameter groups", groups_table(trainer)),
         ("Blocks (bottom to top)", blocks_table(trainer, module)),
         ("Steps and schedule", schedule_lines(trainer)),
-        ("Training memory per device (estimate)", memory_table(trainer, module)),
+        ("Training memory per device (estimate)", memory_table(trainer, module, placement)),
     ]
     return "\n\n".join(f"{title}\n{body}" for title, body in sections if body)
 
@@ -139,7 +146,7 @@ def schedule_lines(trainer: pl.Trainer) -> str:
     return "\n".join(lines)
 
 
-def memory_table(trainer: pl.Trainer, module: pl.LightningModule) -> str:
+def memory_table(trainer: pl.Trainer, module: pl.LightningModule, placement: Placement) -> str:
     from finetune.optim.optimizers import state_bytes
 
     config = getattr(module, "optimizer_config", None)
@@ -156,14 +163,36 @@ def memory_table(trainer: pl.Trainer, module: pl.LightningModule) -> str:
     finally:
         for parameter in held_back:
             parameter.requires_grad_(False)
-    rows = [[name, human(size)] for name, size in estimate.rows()]
-    return table([f"precision {precision}", "bytes"], rows)
+    weights, gradients, state = placement.per_device(
+        estimate.weights, estimate.gradients, estimate.optimizer_state
+    )
+    rows: list[tuple[str, int | None]] = [
+        ("weights", weights),
+        ("gradients", gradients),
+        ("optimizer state", state),
+        ("activations (one micro-batch)", activations),
+    ]
+    teacher = _teacher_bytes(trainer)
+    if teacher:
+        rows.append(("distillation teacher (frozen, whole on every device)", teacher))
+    rows.append(("total", sum(size or 0 for _, size in rows)))
+    lines = [[name, human(size)] for name, size in rows]
+    return f"{placement.describe()}\n" + table([f"precision {precision}", "bytes"], lines)
+
+
+def _teacher_bytes(trainer: pl.Trainer) -> int:
+    """Bytes of a distillation teacher's weights: not sharded, so every process holds all of it."""
+    from finetune.distill import Distillation
+
+    teachers = [c.teacher for c in trainer.callbacks if isinstance(c, Distillation) and c.teacher is not None]
+    return sum(p.numel() * p.element_size() for t in teachers for p in t.model.parameters())
 
 
 def _probe_activations(trainer: pl.Trainer, module: pl.LightningModule, precision: str) -> int | None:
     """Activation bytes of one training micro-batch through ``module(batch)``; None if that cannot run."""
     loader = trainer.train_dataloader
-    if loader is None:
+    if loader is None or is_sharded(module):
+        # A sharded forward is a collective; the plan runs on rank 0 alone (the plan command measures it).
         return None
     try:
         with torch.random.fork_rng(devices=[]):  # fetching a shuffled batch draws from the RNG

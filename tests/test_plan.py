@@ -97,3 +97,38 @@ def test_plan_marks_frozen_blocks_as_never_training(tiny_bert_dir, text_csv, tmp
     }
     assert rows["embeddings"].rstrip().endswith("never (frozen)")
     assert rows["head"].rstrip().endswith("start")
+
+
+def memory_rows(text: str) -> dict[str, str]:
+    rows = {}
+    for line in text.split("Training memory per device (estimate)")[-1].splitlines():
+        for name in ("weights", "gradients", "optimizer state"):
+            if line.startswith(name + " "):
+                rows[name] = line[len(name) :].strip()
+    return rows
+
+
+def test_plan_divides_memory_by_the_recipes_sharding(tiny_bert_dir, text_csv, tmp_path, caplog):
+    """The plan builds on one device but reports per device for the recipe's world: fsdp2 over 4 processes
+    holds a quarter of everything, ZeRO-2 over 2 nodes x 2 devices a quarter of gradients and optimizer state."""
+    path = write(tiny_recipe(tiny_bert_dir, text_csv, tmp_path), tmp_path / "tiny.yaml")
+
+    def plan(*overrides: str) -> tuple[dict[str, float], str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="finetune"):
+            assert main(["plan", str(path), *overrides]) == 0
+        rows = memory_rows(caplog.text)
+        assert all(value.endswith("KiB") for value in rows.values()), rows
+        return {name: float(value.split()[0]) for name, value in rows.items()}, caplog.text
+
+    alone, text = plan()
+    assert "strategy auto, 1 process(es): replicated on every device" in text
+    sharded, text = plan("--trainer.strategy=fsdp2", "--trainer.devices=4")
+    assert "strategy fsdp2, 4 process(es): weights, gradients, optimizer state sharded over 4" in text
+    for name, size in alone.items():
+        assert sharded[name] == pytest.approx(size / 4, abs=0.1), name
+    zero2, text = plan("--trainer.strategy=deepspeed_stage_2", "--trainer.devices=2", "--trainer.num_nodes=2")
+    assert "sharded over 4" in text
+    assert zero2["weights"] == alone["weights"]
+    assert zero2["optimizer state"] == pytest.approx(alone["optimizer state"] / 4, abs=0.1)
+    assert not (tmp_path / "runs").exists()

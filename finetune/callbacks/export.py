@@ -7,11 +7,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 from typing_extensions import override
 
 from finetune import runs
 from finetune.errors import RecipeError
+from finetune.parallel.placement import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,3 @@ class ExportModel(pl.Callback):
             directory = task.export(runs.run_dir(trainer) / self.dirname)
             log.info("Exported the model of %s to %s", path, directory)
         trainer.strategy.barrier("export")
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """True when some parameter of ``module`` is a shard (a DTensor: FSDP2 or tensor parallelism)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())

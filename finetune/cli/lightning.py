@@ -23,14 +23,19 @@ from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, Pred
 from finetune.data import ClassificationData
 from finetune.errors import RecipeError
 from finetune.optim import OptimizerConfig, ScheduleConfig
+from finetune.parallel import placement
+from finetune.parallel.checks import check_combination
+from finetune.parallel.placement import Placement
 from finetune.strategies import Strategy
 
 
 class FinetuneCLI(LightningCLI):
     """``LightningCLI`` with finetune's defaults; see the module docstring."""
 
-    def __init__(self, *args: Any, run_name: str = "run", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, run_name: str = "run", plan: bool = False, **kwargs: Any) -> None:
         self.run_name = run_name
+        self.plan = plan
+        self.placement: Placement | None = None  # where the recipe asks the run to go (devices, sharding)
         super().__init__(*args, **kwargs)
 
     @override
@@ -58,6 +63,15 @@ class FinetuneCLI(LightningCLI):
         OptimizerConfig(**config.optimizer.as_dict())
         ScheduleConfig(**config.lr_scheduler.as_dict())
         trainer = config.trainer
+        self.placement = placement.from_recipe(trainer.strategy, trainer.devices, trainer.num_nodes)
+        callbacks = [
+            str(c.class_path).rpartition(".")[2] for c in trainer.callbacks or [] if "class_path" in c
+        ]
+        check_combination(self.placement, callbacks, _strategy_name(config.model.init_args.strategy))
+        if self.plan:
+            # One device, nothing written: the plan is computed per device from self.placement.
+            for key, value in PLAN_TRAINER.items():
+                trainer[key] = value
         if trainer.logger is None or trainer.logger is True:
             trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.CSVLogger",
@@ -112,6 +126,25 @@ class FinetuneCLI(LightningCLI):
             and not self.trainer.interrupted
         ):
             self.trainer.test(self.model, datamodule=data)
+
+
+PLAN_TRAINER = {
+    "devices": 1,
+    "num_nodes": 1,
+    "strategy": "auto",
+    "logger": False,
+    "enable_checkpointing": False,
+    "num_sanity_val_steps": 0,
+}
+
+
+def _strategy_name(value: Any) -> str:
+    """The registered name of a recipe's ``model.strategy`` (a name, a ``{name: ...}`` or a class_path)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("name", ""))
+    return str(getattr(value, "class_path", "")).rpartition(".")[2].lower()
 
 
 # Top-level recipe sections of our own, typed by a finetune config class (not a torch class_path).
@@ -180,9 +213,10 @@ def init_parameters(cls: type) -> list[str]:
     return list(names)
 
 
-def run_cli(argv: list[str], run: bool = True) -> FinetuneCLI:
+def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCLI:
     """Run the Lightning CLI on ``argv`` (with ``run=False``: only build trainer, model and data, from
-    ``argv`` without a subcommand); turn argument and recipe errors into ``RecipeError``."""
+    ``argv`` without a subcommand; with ``plan``: on one device, writing nothing); turn argument and recipe
+    errors into ``RecipeError``."""
     from finetune.data import ImageClassificationData, InstructionData, TextClassificationData  # noqa: F401
     from finetune.parallel import fsdp2  # noqa: F401  (registers trainer.strategy: fsdp2)
     from finetune.tasks import ClassificationTask, SFTTask  # noqa: F401  (registers subclasses for short class names)
@@ -215,6 +249,7 @@ def run_cli(argv: list[str], run: bool = True) -> FinetuneCLI:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
             run_name=run_name,
+            plan=plan,
             run=run,
             args=argv,
         )

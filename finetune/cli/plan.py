@@ -11,14 +11,6 @@ from finetune.errors import RecipeError
 log = logging.getLogger(__name__)
 
 USAGE = "python -m finetune plan RECIPE.yaml [--section.key=value ...]"
-# One device, no logger, checkpoints or sanity validation: the plan is per device and leaves no trace.
-OVERRIDES = (
-    "--trainer.logger=false",
-    "--trainer.enable_checkpointing=false",
-    "--trainer.devices=1",
-    "--trainer.strategy=auto",
-    "--trainer.num_sanity_val_steps=0",
-)
 
 
 def main(argv: list[str]) -> int:
@@ -36,12 +28,14 @@ def main(argv: list[str]) -> int:
     class PlanReady(Exception):
         """Stops ``fit`` right after setup: the plan is known."""
 
+    # Built on one device with nothing written; memory per device follows the recipe's devices and strategy.
+    cli = run_cli(["--config", argv[0], *argv[1:]], run=False, plan=True)
+
     class PlanProbe(pl.Callback):
         def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.text = run_plan(trainer, pl_module)
+            self.text = run_plan(trainer, pl_module, cli.placement)
             raise PlanReady
 
-    cli = run_cli(["--config", argv[0], *argv[1:], *OVERRIDES], run=False)
     probe = PlanProbe()
     writers = (ExportModel, MetricsReport, ParameterReport, PredictionWriter, SaveConfigCallback)
     cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, writers)] + [probe]

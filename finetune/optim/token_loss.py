@@ -21,20 +21,29 @@ undoes Lightning's division by the accumulation factor and DDP's average over ra
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from typing_extensions import override
 
-from finetune.errors import RecipeError
+log = logging.getLogger(__name__)
 
 
 class TokenNormalizedLoss:
-    """Mixin for a LightningModule: the loss of an optimizer step is the mean over all its target tokens."""
+    """Mixin for a LightningModule: the loss of an optimizer step is the mean over all its target tokens.
+
+    Under a strategy that accumulates and steps by itself (DeepSpeed), gradients cannot be rescaled before
+    the step: the loss falls back to the mean over each micro-batch's tokens, with one warning.
+    """
 
     _window_tokens: torch.Tensor | None = None
+    _per_micro_batch: bool = False
 
     def token_loss(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor | int) -> torch.Tensor:
         """Count ``num_tokens`` towards this optimizer step; return ``loss_sum`` for ``training_step``."""
         count = torch.as_tensor(num_tokens, dtype=torch.float64, device=loss_sum.device).detach()
+        if self._per_micro_batch:
+            return loss_sum / count.clamp(min=1).to(loss_sum.dtype)
         self._window_tokens = count if self._window_tokens is None else self._window_tokens + count
         return loss_sum
 
@@ -54,9 +63,12 @@ class TokenNormalizedLoss:
     @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self._trainer is not None and self.trainer.strategy.handles_gradient_accumulation:
-            raise RecipeError(
-                "trainer.strategy",
-                f"token-level loss normalisation cannot rescale gradients under "
-                f"{type(self.trainer.strategy).__name__}; use ddp or a single device",
+        self._per_micro_batch = (
+            self._trainer is not None and self.trainer.strategy.handles_gradient_accumulation
+        )
+        if self._per_micro_batch:
+            log.warning(
+                "%s accumulates and steps by itself, so token-level losses are averaged per micro-batch "
+                "(not over all tokens of an optimizer step); use fsdp2 or ddp for exact token averaging",
+                type(self.trainer.strategy).__name__,
             )

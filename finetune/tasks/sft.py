@@ -39,9 +39,8 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
     sums are normalised together with the task loss.
 
     Logs ``train/loss``, ``val/loss`` (mean per response token) and ``val/perplexity``. After each
-    validation epoch it greedily completes the first ``samples`` validation prompts of the datamodule
-    (contract: ``datamodule.sample_prompts(n)`` and ``datamodule.tokenizer``, as ``InstructionData``
-    provides) and appends them to ``<run>/samples.jsonl``.
+    validation epoch it greedily completes the first ``samples`` validation prompts of an ``InstructionData``
+    datamodule and appends them to ``<run>/samples.jsonl``.
 
     Args:
         backbone: a Hugging Face causal LM: ``hf:ID``, a local folder, or a full backbone spec.
@@ -117,33 +116,48 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
         self.val_nll.reset()
         self.log("val/loss", nll, prog_bar=True)
         self.log("val/perplexity", nll.exp(), prog_bar=True)
-        if self.samples and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+        if self.samples and not self.trainer.sanity_checking:
             self._write_samples()
 
     @torch.no_grad()
     def _write_samples(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not hasattr(datamodule, "sample_prompts"):
+        """Greedy completions of the first validation prompts, appended to ``<run>/samples.jsonl`` by rank 0.
+
+        A sharded model generates on every process (each forward gathers weights from all of them, and every
+        process generates the same tokens, so they stop together); an unsharded one on rank 0 alone.
+        """
+        from finetune.data import InstructionData
+        from finetune.parallel.placement import is_sharded
+
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, InstructionData) or not (
+            self.trainer.is_global_zero or is_sharded(self)
+        ):
             return
-        tokenizer = datamodule.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows = [
+            self._complete(datamodule.tokenizer, sample) for sample in datamodule.sample_prompts(self.samples)
+        ]
+        if not self.trainer.is_global_zero:
+            return
         path = runs.run_dir(self.trainer) / runs.SAMPLES
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as out:
-            for sample in datamodule.sample_prompts(self.samples):
-                ids = torch.tensor([sample["prompt_ids"]], device=self.device)
-                generated = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad,
-                )
-                text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
-                row = {"epoch": self.current_epoch, "step": self.global_step, "prompt": sample["prompt"]}
-                row |= {"reference": sample["reference"], "generation": text}
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         log.info("Wrote sample generations to %s", path)
+
+    def _complete(self, tokenizer: Any, sample: dict[str, Any]) -> dict[str, Any]:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([sample["prompt_ids"]], device=self.device)
+        generated = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+        row = {"epoch": self.current_epoch, "step": self.global_step, "prompt": sample["prompt"]}
+        return row | {"reference": sample["reference"], "generation": text}
 
     def export(self, directory: Path, merge: bool = False) -> Path:
         """A Hugging Face folder (safetensors) with the tokenizer; adapters alone unless ``merge``."""

@@ -88,7 +88,7 @@ def full_state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
     """Every weight of ``module`` in full, on the CPU (a collective when the module is sharded)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from finetune.callbacks.export import is_sharded
+    from finetune.parallel.placement import is_sharded
 
     if not is_sharded(module):
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -147,3 +147,16 @@ def test_scheduled_accumulation_errors():
         ScheduledAccumulation({0: 2}).setup(fixed, Regression(), "fit")
     with pytest.raises(RecipeError, match="factor >= 1"):
         ScheduledAccumulation({0: 0})
+
+
+def test_token_loss_falls_back_to_per_micro_batch_means_where_the_strategy_steps_itself(caplog):
+    """DeepSpeed accumulates and steps inside its engine: gradients cannot be rescaled before the step, so the
+    loss of a micro-batch becomes its own token mean (with a warning), and nothing is rescaled."""
+    module = CausalLM()
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(handles_gradient_accumulation=True))
+    with caplog.at_level("WARNING", logger="finetune"):
+        module.setup("fit")
+    assert "averaged per micro-batch" in caplog.text
+    loss = module.token_loss(torch.tensor(12.0), torch.tensor(4))
+    assert loss.item() == pytest.approx(3.0)
+    assert module._window_tokens is None  # nothing to rescale at the optimizer step

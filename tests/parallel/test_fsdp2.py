@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.callbacks.export import is_sharded
+from finetune.parallel.placement import is_sharded
 from finetune.runs import load_checkpoint
 from finetune.tasks import ClassificationTask
 from tests.helpers.models import bert_folder, export_classifier, make_tokenizer
