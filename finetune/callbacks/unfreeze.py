@@ -6,6 +6,7 @@ import logging
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 from typing_extensions import override
 
@@ -29,9 +30,9 @@ class GradualUnfreezing(pl.Callback):
     its group was built with (layer-wise decay included). The head and what sits above the last block
     train from the start; the embeddings/stem open last. Blocks the strategy froze stay frozen.
 
-    On one process a closed block also has ``requires_grad=False`` (no backward cost); under DDP, whose
-    reducer cannot follow ``requires_grad`` changes, closed blocks keep computing gradients and only the
-    gate holds them, so the set of trained parameters never changes and DDP's defaults
+    On one device a closed block also has ``requires_grad=False`` (no backward cost). Under DDP, FSDP2 or
+    DeepSpeed, which cannot follow ``requires_grad`` changes mid-run, closed blocks keep computing gradients
+    and only the gate holds them, so the set of trained parameters never changes and DDP's defaults
     (``find_unused_parameters=False``) are right. Closed BatchNorm layers stay in eval mode.
     State (which block opened at which optimizer step) is saved by block name, so a resumed run re-opens
     exactly what was open and nothing else.
@@ -101,7 +102,9 @@ class GradualUnfreezing(pl.Callback):
         top = max(g["level"] for g in groups)
         levels = sorted({g["level"] for g in groups if g["level"] < top}, reverse=True)
         self.order = [next(g["block"] for g in groups if g["level"] == level) for level in levels]
-        self.gate_only = trainer.world_size > 1  # DDP: never change requires_grad mid-run
+        # Several processes (DDP, FSDP2) or an engine that owns the parameters (DeepSpeed): never change
+        # requires_grad mid-run; the LR gates alone hold closed blocks.
+        self.gate_only = not isinstance(trainer.strategy, SingleDeviceStrategy)
         self.batchnorms = _batchnorms_by_block(pl_module, {b: _groups(trainer, b) for b in self.order})
         for block in self.order:
             self._set_trainable(trainer, block, block in self.opened)

@@ -212,8 +212,9 @@ def test_sharded_checkpoint_consolidates_and_exports_for_plain_transformers(shar
 def test_cli_recipe_with_fsdp2_trains_checkpoints_adapters_only_and_exports(
     bert_without_dropout, text_csv, tmp_path
 ):
-    """``python -m finetune RECIPE --trainer.strategy=fsdp2 --trainer.devices=2`` with LoRA: sharded checkpoint
-    folders holding only what trains, and an adapter export that plain peft loads with the trained logits."""
+    """A LoRA recipe with ``trainer.strategy: fsdp2`` launched by recipes/launch/torchrun.sh on 2 processes:
+    sharded checkpoint folders holding only what trains, and an adapter export that plain peft loads with
+    the trained logits."""
     import torch.distributed.checkpoint as dcp
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -222,15 +223,20 @@ def test_cli_recipe_with_fsdp2_trains_checkpoints_adapters_only_and_exports(
     from tests.helpers.recipes import text_recipe, write
 
     recipe = text_recipe(bert_without_dropout, text_csv, tmp_path / "runs")
-    recipe["trainer"].update({"strategy": "fsdp2", "devices": 2, "max_epochs": 1})
+    recipe["trainer"].update({"strategy": "fsdp2", "max_epochs": 1})
     recipe["model"]["init_args"]["strategy"] = "lora"
     path = write(recipe, tmp_path / "sharded.yaml")
+    # The shipped launch line for torchrun (one node, 2 processes; it sets trainer.devices and num_nodes).
+    launch = REPOSITORY / "recipes" / "launch" / "torchrun.sh"
+    port = str(29500 + os.getpid() % 1000)
+    env = os.environ | {
+        "GPUS": "2",
+        "NNODES": "1",
+        "MASTER_PORT": port,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "finetune", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
+        ["bash", str(launch), str(path)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "sharded" / "version_0"
