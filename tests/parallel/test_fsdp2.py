@@ -96,8 +96,13 @@ def sharded(tmp_path_factory, bert_without_dropout, tiny_timm_checkpoint, tiny_l
     )
     resume = str(root / "ckpt" / "last.ckpt")
     resumed = case("hf-full", root, backbones, teacher, resume=resume, out=str(root / "resumed.pt"))
+    timm_ckpt = str(root / "timm-ckpt")
+    timm_half = case(
+        "timm-lora", root, backbones, teacher, epochs=1, checkpoints=timm_ckpt, out=str(root / "timm.pt")
+    )
+    extra = [half, resumed, timm_half]
     spec = root / "cases.json"
-    spec.write_text(json.dumps([*cases, half, resumed]))
+    spec.write_text(json.dumps([*cases, *extra]))
     done = subprocess.run(
         [
             sys.executable,
@@ -115,7 +120,7 @@ def sharded(tmp_path_factory, bert_without_dropout, tiny_timm_checkpoint, tiny_l
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    results = {c["out"]: torch.load(c["out"], weights_only=True) for c in [*cases, half, resumed]}
+    results = {c["out"]: torch.load(c["out"], weights_only=True) for c in [*cases, *extra]}
     return {
         "root": root,
         "backbones": backbones,
@@ -123,6 +128,7 @@ def sharded(tmp_path_factory, bert_without_dropout, tiny_timm_checkpoint, tiny_l
         "results": results,
         "half": half,
         "resumed": resumed,
+        "timm_half": timm_half,
     }
 
 
@@ -272,3 +278,24 @@ def test_fsdp2_is_a_registered_lightning_strategy_name():
 
     trainer = pl.Trainer(strategy="fsdp2", accelerator="cpu", devices=2, logger=False)
     assert type(trainer.strategy).__name__ == "FSDP2Strategy"
+
+
+@pytest.mark.slow
+def test_sharded_timm_lora_checkpoint_exports_a_merged_timm_model(sharded, tmp_path):
+    """A timm LoRA run's shards consolidate into the trained adapters and head; ``export --merge`` gives a
+    plain timm model with the trained logits."""
+    import timm
+
+    trained = sharded["results"][sharded["timm_half"]["out"]]
+    task = load_checkpoint(Path(sharded["timm_half"]["checkpoints"]) / "last.ckpt", ClassificationTask)
+    for key, value in task.state_dict().items():
+        if "lora_" in key or key.startswith("model.head."):
+            assert torch.equal(value, trained["final"][key]), key
+    task.eval()
+    pixels = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        expected = task({"pixel_values": pixels})
+        merged = timm.create_model(
+            f"local-dir:{task.export(tmp_path / 'merged', merge=True)}", pretrained=True
+        )
+        assert torch.allclose(merged.eval()(pixels), expected, atol=1e-5)
