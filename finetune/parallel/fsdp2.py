@@ -15,6 +15,7 @@ weights and trainable adapters share a unit; FSDP2 shards each parameter on its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -70,10 +71,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        self.activation_checkpointing = activation_checkpointing
-        self.cpu_offload = cpu_offload
-        self.mixed_precision = mixed_precision
-        self.reshard_after_forward = reshard_after_forward
+        self.sharding = Sharding(
+            activation_checkpointing, cpu_offload, mixed_precision, reshard_after_forward
+        )
 
     @override
     def setup_environment(self) -> None:
@@ -83,8 +83,18 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        shard_task(self.lightning_module, self.device_mesh["data_parallel"], self.fully_shard_options())
+        shard_task(self.lightning_module, self.device_mesh["data_parallel"], self.sharding)
         super().setup(trainer)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How ``shard_task`` applies FSDP2 (``FSDP2Strategy``'s arguments of the same names)."""
+
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    mixed_precision: Literal["bf16", "fp16"] | None = None
+    reshard_after_forward: bool = True
 
     def fully_shard_options(self) -> dict[str, Any]:
         """Keyword arguments for every ``fully_shard`` call."""
@@ -97,11 +107,10 @@ class FSDP2Strategy(ModelParallelStrategy):
                 param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None
             ),
             "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
-            "activation_checkpointing": self.activation_checkpointing,
         }
 
 
-def shard_task(module: pl.LightningModule, mesh: Any, options: dict[str, Any]) -> None:
+def shard_task(module: pl.LightningModule, mesh: Any, sharding: Sharding) -> None:
     """Apply FSDP2 to a finetune task: each layout block, then the model, then the loss-term modules.
 
     A module that is already sharded (a user's ``configure_model`` called ``fully_shard``) is left as it is.
@@ -119,8 +128,8 @@ def shard_task(module: pl.LightningModule, mesh: Any, options: dict[str, Any]) -
             "in its configure_model and use lightning's ModelParallelStrategy",
         )
     check_quantisation(module.strategy)
-    options = dict(options)
-    if options.pop("activation_checkpointing"):
+    options = sharding.fully_shard_options()
+    if sharding.activation_checkpointing:
         checkpoint_activations(module.model)
     model = module.model
     for block in module.layout.blocks:
