@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from finetune.cli.recipe_file import read_recipe
 from finetune.errors import RecipeError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -58,8 +59,8 @@ def _recipe_args(argv: list[str]) -> list[str]:
             )
         argv = ["fit", "--config", *argv]
     for flag, value in zip(argv, argv[1:]):
-        if flag in ("--config", "-c") and not Path(value).is_file():
-            raise RecipeError("--config", f"recipe file {value} does not exist")
+        if flag in ("--config", "-c"):
+            read_recipe(Path(value))
     return argv
 
 

@@ -7,6 +7,7 @@ the model's backbone passed to the data (for its tokenizer or image transform), 
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 import warnings
@@ -20,6 +21,7 @@ from typing_extensions import override
 
 from finetune import runs
 from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter, RestoreRNG
+from finetune.cli.trainer_checks import check_trainer
 from finetune.data import ClassificationData
 from finetune.errors import RecipeError
 from finetune.optim import OptimizerConfig, ScheduleConfig
@@ -63,6 +65,7 @@ class FinetuneCLI(LightningCLI):
         OptimizerConfig(**config.optimizer.as_dict())
         ScheduleConfig(**config.lr_scheduler.as_dict())
         trainer = config.trainer
+        check_trainer(trainer)
         self.placement = placement.from_recipe(trainer.strategy, trainer.devices, trainer.num_nodes)
         callbacks = [
             str(c.class_path).rpartition(".")[2] for c in trainer.callbacks or [] if "class_path" in c
@@ -153,10 +156,25 @@ _DISABLED_SUBCLASS = re.compile(r"Subclasses are disabled for (\w+), thus '([^']
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 _CLASS_PATH = re.compile(r"class_path '([^']+)'")
 _UNKNOWN = re.compile(r"Option '([^']+)' is not accepted|No action for key \"([^\"]+)\"")
+# A RecipeError raised while jsonargparse validated a value (a strategy's __post_init__) is buried in its report.
+_OUR_ERROR = re.compile(
+    r"^[\s-]*((?:model|data|trainer|optimizer|lr_scheduler)(?:\.[\w\[\]-]+)+): (.+)$", re.M
+)
+_BAD_CLASS_PATH = re.compile(
+    r"Problem with given class_path '([^']+)':\s*\n\s*(?:module '[^']*' has no attribute|No module named)"
+)
 
 
 def explain_parse_error(text: str) -> RecipeError:
     """Condense a jsonargparse error (nested, one branch per Union member) into one line naming the key."""
+    ours = _OUR_ERROR.search(text)
+    if ours:
+        return RecipeError(ours.group(1), ours.group(2).strip())
+    bad_class = _BAD_CLASS_PATH.search(text)
+    if bad_class:
+        parser_keys = dict.fromkeys(_PARSER_KEY.findall(text[: bad_class.start()]))
+        section = ".".join(parser_keys).replace("init_args.", "") or "recipe"
+        return unknown_class(f"{section}.class_path", bad_class.group(1))
     keys: list[str] = []
     class_path = expected = given = None
     for line in (raw.strip().lstrip("- ") for raw in text.splitlines()):
@@ -186,6 +204,27 @@ def explain_parse_error(text: str) -> RecipeError:
         return RecipeError(key, f"expected {expected}, got {given!r}; fix the value's type")
     first = next((line.strip() for line in text.splitlines() if line.strip()), text)
     return RecipeError(key, first)
+
+
+def unknown_class(key: str, class_path: str) -> RecipeError:
+    """A class_path that imports nothing, with the closest classes finetune and Lightning offer."""
+    import lightning.pytorch.callbacks as lightning_callbacks
+
+    import finetune
+    from finetune import callbacks, data, strategies, tasks
+
+    known = [
+        *(f"finetune.{name}" for name in finetune.__all__),
+        *(
+            f"finetune.{module.__name__.rpartition('.')[2]}.{name}"
+            for module in (callbacks, data, strategies, tasks)
+            for name in module.__all__
+        ),
+        *(f"lightning.pytorch.callbacks.{name}" for name in lightning_callbacks.__all__),
+    ]
+    close = difflib.get_close_matches(class_path, known, n=3, cutoff=0.75)
+    hint = f"did you mean {', '.join(close)}?" if close else "give module.ClassName of an importable class"
+    return RecipeError(key, f"{class_path!r} is not a class here; {hint}")
 
 
 def _valid_keys(class_path: str | None) -> str:
@@ -257,10 +296,25 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
         raise _recipe_error_in(error) or explain_parse_error(str(error)) from error
     except Exception as error:
         # jsonargparse wraps errors raised while it instantiates classes; surface ours unwrapped.
-        found = _recipe_error_in(error)
+        found = _recipe_error_in(error) or _recipe_value_failure(error)
         if found is None:
             raise
         raise found from error
+
+
+def _recipe_value_failure(error: BaseException) -> RecipeError | None:
+    """Library errors whose cause is a recipe value: a value jsonargparse refused while building a class, or
+    a checkpoint (``--ckpt_path``) of another model."""
+    text = str(error)
+    if "Does not validate against any of the Union subtypes" in text:
+        return explain_parse_error(text)
+    mismatch = next((line.strip() for line in text.splitlines() if "size mismatch for" in line), None)
+    if mismatch:
+        return RecipeError(
+            "ckpt_path",
+            f"the checkpoint was trained for another model or label set ({mismatch}); give one of this recipe's",
+        )
+    return None
 
 
 def _recipe_error_in(error: BaseException) -> RecipeError | None:

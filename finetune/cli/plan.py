@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from finetune.cli.recipe_file import read_recipe
 from finetune.errors import RecipeError
 
 log = logging.getLogger(__name__)
@@ -16,8 +17,7 @@ USAGE = "python -m finetune plan RECIPE.yaml [--section.key=value ...]"
 def main(argv: list[str]) -> int:
     if not argv or not argv[0].endswith((".yaml", ".yml")):
         raise RecipeError("plan", f"give a recipe: {USAGE}")
-    if not Path(argv[0]).is_file():
-        raise RecipeError("--config", f"recipe file {argv[0]} does not exist")
+    read_recipe(Path(argv[0]))
     import lightning.pytorch as pl
     from lightning.pytorch.cli import SaveConfigCallback
 

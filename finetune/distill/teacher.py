@@ -108,14 +108,20 @@ def load_teacher(
     checkpoint, any strategy), an export folder (a plain timm/Hugging Face folder, with ``labels.json`` for a
     classifier), or a backbone spec (``timm:NAME``, ``hf:ID``, a folder), loaded with a head for
     ``student_labels``."""
-    if isinstance(source, str) and is_local_path(source):
-        path = resolve_path(source, TEACHER_KEY)
-        if (path / runs.CONFIG).is_file():
-            teacher = _from_run(path, causal_lm)
+    try:
+        if isinstance(source, str) and is_local_path(source):
+            path = resolve_path(source, TEACHER_KEY)
+            if (path / runs.CONFIG).is_file():
+                teacher = _from_run(path, causal_lm)
+            else:
+                teacher = _from_folder(path, causal_lm, student_labels)
         else:
-            teacher = _from_folder(path, causal_lm, student_labels)
-    else:
-        teacher = _from_spec(Backbone.of(source), causal_lm, student_labels)
+            teacher = _from_spec(Backbone.of(source), causal_lm, student_labels)
+    except RecipeError as error:
+        if error.key.startswith(TEACHER_KEY):
+            raise
+        # The teacher's loading goes through the backbone loaders, whose errors name model.backbone.
+        raise RecipeError(TEACHER_KEY, f"{source}: {error.message}") from error
     teacher.dtype = DTYPES[dtype] if dtype is not None else None
     teacher.freeze()
     return teacher

@@ -52,7 +52,13 @@ class Partial(Strategy):
         names = [name for name, _ in model.named_modules() if name]
         matched = []
         for pattern in self.modules:
-            found = [name for name in names if re.fullmatch(pattern, name)]
+            try:
+                regex = re.compile(pattern)
+            except re.error as error:
+                raise RecipeError(
+                    "model.strategy.modules", f"{pattern!r} is not a valid regular expression ({error})"
+                ) from None
+            found = [name for name in names if regex.fullmatch(name)]
             if not found:
                 raise RecipeError(
                     "model.strategy.modules", f"pattern {pattern!r} matches no module of the model"
