@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def run_plan(trainer: pl.Trainer, module: pl.LightningModule, placement: Placement | None = None) -> str:
-    """The plan as text: parameter groups, blocks, accumulation and schedule, memory estimate per device.
+    """The plan as text: parameter groups, blocks, accumulation and schedule, memory estimate per device,
+    and for image data how images are prepared.
 
     ``placement`` (default: the trainer's own) says over how many processes what is sharded; the ``plan``
     command passes the recipe's, since it builds everything on one device.
@@ -32,8 +33,15 @@ def run_plan(trainer: pl.Trainer, module: pl.LightningModule, placement: Placeme
         ("Blocks (bottom to top)", blocks_table(trainer, module)),
         ("Steps and schedule", schedule_lines(trainer)),
         ("Training memory per device (estimate)", memory_table(trainer, module, placement)),
+        ("Image preparation", image_lines(trainer)),
     ]
     return "\n\n".join(f"{title}\n{body}" for title, body in sections if body)
+
+
+def image_lines(trainer: pl.Trainer) -> str:
+    """The train and evaluation transforms of image data (``describe_preparation``); empty for other data."""
+    describe = getattr(getattr(trainer, "datamodule", None), "describe_preparation", None)
+    return describe() if callable(describe) else ""
 
 
 def groups_table(trainer: pl.Trainer) -> str:

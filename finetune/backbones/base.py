@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,16 +49,22 @@ class BackboneLoader(Protocol):
     def feature_width(self, model: Any, name: str) -> int:
         """The last dimension of feature ``name`` of ``model``."""
 
-    def pixel_statistics(self, source: str, backbone: Backbone) -> PixelStatistics:
-        """The normalisation and input size the pretrained weights expect (image models)."""
+    def image_config(self, source: str, backbone: Backbone) -> ImageConfig:
+        """How the pretrained weights expect images (image models); transforms are built from it
+        (``finetune.data.transforms``)."""
 
     def tokenizer(self, source: str, backbone: Backbone) -> Any: ...
 
-    def image_transform(self, source: str, backbone: Backbone, train: bool) -> Callable[[Any], Any]:
-        """PIL image -> float tensor (C, H, W), as the pretrained weights expect."""
-
-    def export(self, model: Any, directory: Path, labels: list[str], backbone: Backbone) -> None:
-        """Save ``model`` in the family's native format, loadable without ``finetune``."""
+    def export(
+        self,
+        model: Any,
+        directory: Path,
+        labels: list[str],
+        backbone: Backbone,
+        image: ImageConfig | None = None,
+    ) -> None:
+        """Save ``model`` in the family's native format, loadable without ``finetune``; ``image`` (image
+        models) is the evaluation preprocessing the export records, so that it preprocesses as validation did."""
 
 
 FEATURES = """Feature names: ``pooled``, the features the classifier head reads (timm: ``forward_head(...,
@@ -74,6 +80,61 @@ class PixelStatistics:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How images are prepared for a model at evaluation, in the terms of timm's data config.
+
+    Resize so that a ``crop_pct`` share of the image's side gives ``size`` (``crop_mode``: ``center`` keeps
+    the aspect ratio and resizes the shorter side, ``squash`` resizes each side, ``border`` pads), crop the
+    centre to ``size`` (height, width), then normalise: ``(pixels / 255 - mean) / std``.
+
+    Args:
+        size: the model's input (height, width).
+        mean: per-channel mean.
+        std: per-channel standard deviation.
+        interpolation: the resize filter (``bilinear``, ``bicubic``, ``nearest``, ``lanczos``, ``box``, ``hamming``).
+        crop_pct: the share of the resized image the centre crop keeps (1: none).
+        crop_mode: ``center``, ``squash`` or ``border``.
+        fixed_size: the model takes no other input size (a position embedding of fixed length).
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
+    fixed_size: bool = False
+
+    @classmethod
+    def of(cls, value: ImageConfig | Mapping[str, Any]) -> ImageConfig:
+        """Accept an ``ImageConfig`` or its ``plain()`` form (checkpoint hyperparameters)."""
+        if isinstance(value, ImageConfig):
+            return value
+        plain = dict(value)
+        for key in ("size", "mean", "std"):
+            plain[key] = tuple(plain[key])
+        return cls(**plain)
+
+    def plain(self) -> dict[str, Any]:
+        """Plain data (lists, numbers, strings): for checkpoint hyperparameters and YAML."""
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(self).items()}
+
+    def timm_args(self) -> dict[str, Any]:
+        """The fields of a timm data config (``timm.data.create_transform`` keywords, ``pretrained_cfg`` keys)."""
+        return {
+            "input_size": (3, *self.size),
+            "interpolation": self.interpolation,
+            "mean": self.mean,
+            "std": self.std,
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+        }
+
+    def pixel_statistics(self) -> PixelStatistics:
+        return PixelStatistics(self.mean, self.std, self.size)
 
 
 def check_feature(name: str, family: str, key: str = "features") -> None:
@@ -150,10 +211,18 @@ class Backbone:
         loader, source = self.resolve()
         return loader.tokenizer(source, self)
 
-    def image_transform(self, train: bool) -> Callable[[Any], Any]:
+    def image_config(self) -> ImageConfig:
+        """How the pretrained weights expect images (image models only)."""
         loader, source = self.resolve()
-        return loader.image_transform(source, self, train)
+        return loader.image_config(source, self)
 
     def pixel_statistics(self) -> PixelStatistics:
-        loader, source = self.resolve()
-        return loader.pixel_statistics(source, self)
+        """The normalisation and input size the pretrained weights expect (image models only)."""
+        return self.image_config().pixel_statistics()
+
+    def image_transform(self, train: bool) -> Callable[[Any], Any]:
+        """PIL image -> float tensor ``(C, H, W)`` under the default image preparation (see
+        ``finetune.data.transforms``; data modules build theirs from their recipe keys)."""
+        from finetune.data.transforms import ImagePreparation
+
+        return ImagePreparation().transform(self.image_config(), train)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, PixelStatistics, check_feature
+from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, ImageConfig, check_feature
 from finetune.errors import RecipeError, first_line
 
 HUB_HINT = "pass a local folder, or download it once and set HF_HUB_OFFLINE=1"
@@ -144,18 +145,17 @@ class HFLoader:
         config = model.config
         return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
 
-    def pixel_statistics(self, source: str, backbone: Backbone) -> PixelStatistics:
+    def image_config(self, source: str, backbone: Backbone) -> ImageConfig:
+        return processor_image_config(self._image_processor(source, backbone), source)
+
+    def _image_processor(self, source: str, backbone: Backbone) -> Any:
         from transformers import AutoImageProcessor
 
-        processor = _reading(
+        return _reading(
             source,
             "image processor",
             lambda: AutoImageProcessor.from_pretrained(source, **_hub_kwargs(backbone)),
         )
-        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
-        side = size.get("shortest_edge")
-        height, width = (side, side) if side else (size["height"], size["width"])
-        return PixelStatistics(tuple(processor.image_mean), tuple(processor.image_std), (height, width))
 
     def tokenizer(self, source: str, backbone: Backbone) -> Any:
         from transformers import AutoTokenizer
@@ -164,21 +164,21 @@ class HFLoader:
             source, "tokenizer", lambda: AutoTokenizer.from_pretrained(source, **_hub_kwargs(backbone))
         )
 
-    def image_transform(self, source: str, backbone: Backbone, train: bool) -> Callable[[Any], Any]:
-        from transformers import AutoImageProcessor
-
-        processor = _reading(
-            source,
-            "image processor",
-            lambda: AutoImageProcessor.from_pretrained(source, **_hub_kwargs(backbone)),
-        )
-        return _ProcessorTransform(processor)
-
-    def export(self, model: Any, directory: Path, labels: list[str], backbone: Backbone) -> None:
+    def export(
+        self,
+        model: Any,
+        directory: Path,
+        labels: list[str],
+        backbone: Backbone,
+        image: ImageConfig | None = None,
+    ) -> None:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {label: i for i, label in enumerate(labels)}
         model.save_pretrained(directory)
         _, source = backbone.resolve()
+        if image is not None:
+            processor_for(self._image_processor(source, backbone), image).save_pretrained(directory)
+            return
         preprocessor = self._preprocessor(source, backbone)
         if preprocessor is not None:
             preprocessor.save_pretrained(directory)
@@ -213,11 +213,75 @@ def hidden_features(hidden_states: Any, attention_mask: Any, names: tuple[str, .
     return features
 
 
-class _ProcessorTransform:
-    """PIL image -> pixel tensor through a Hugging Face image processor (picklable for worker processes)."""
+# PIL resampling filters by their code, as Hugging Face image processors store them (``resample``).
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# ConvNeXt-style processors resize the shorter side to size / crop_pct and crop, below this size only.
+CROP_PCT_BELOW = 384
 
-    def __init__(self, processor: Any) -> None:
-        self.processor = processor
 
-    def __call__(self, image: Any) -> Any:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+def processor_image_config(processor: Any, source: str) -> ImageConfig:
+    """What a Hugging Face image processor does, as an ``ImageConfig``: ``size`` as height/width (resized
+    to it, aspect ratio not kept: ``squash``) or as the shorter side (``center``), then an optional centre
+    crop to ``crop_size`` (or ConvNeXt's ``crop_pct``), rescaling to [0, 1] and normalising."""
+    size, crop = processor.size, processor.crop_size if getattr(processor, "do_center_crop", False) else None
+    height, width, side = size.get("height"), size.get("width"), size.get("shortest_edge")
+    if height and width:
+        resized, mode = (height, width), "squash"
+    elif side:
+        resized, mode = (side, side), "center"
+    else:
+        raise RecipeError(KEY, f"the image processor of {source!r} gives no input size (size: {size})")
+    out, crop_pct = resized, 1.0
+    if crop is not None:
+        out = (crop["height"], crop["width"])
+        crop_pct = out[0] / resized[0]
+    elif getattr(processor, "crop_pct", None) and side and side < CROP_PCT_BELOW:
+        crop_pct = processor.crop_pct
+    if not getattr(processor, "do_normalize", True):
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    return ImageConfig(
+        size=tuple(out),
+        mean=mean,
+        std=std,
+        interpolation=RESAMPLE.get(int(processor.resample), "bilinear"),
+        crop_pct=crop_pct,
+        crop_mode=mode,
+    )
+
+
+def processor_for(processor: Any, image: ImageConfig) -> Any:
+    """An image processor of ``processor``'s kind that prepares images as ``image`` says (what the export
+    saves); a ConvNeXt-style processor that cannot say it becomes a ``BitImageProcessor`` (shorter side,
+    centre crop)."""
+    from transformers import BitImageProcessor
+
+    height, width = image.size
+    resized = (math.floor(height / image.crop_pct), math.floor(width / image.crop_pct))
+    settings: dict[str, Any] = {
+        "do_resize": True,
+        "resample": next(code for code, name in RESAMPLE.items() if name == image.interpolation),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(image.mean),
+        "image_std": list(image.std),
+    }
+    kind = type(processor)
+    if getattr(processor, "crop_pct", None) is not None:
+        if image.crop_mode == "center" and height == width and height < CROP_PCT_BELOW:
+            return kind.from_dict(
+                processor.to_dict()
+                | settings
+                | {"size": {"shortest_edge": height}, "crop_pct": image.crop_pct}
+            )
+        kind = BitImageProcessor
+    if image.crop_mode == "squash":
+        settings["size"] = {"height": resized[0], "width": resized[1]}
+    else:
+        settings["size"] = {"shortest_edge": min(resized)}
+    settings["do_center_crop"] = resized != (height, width) or image.crop_mode != "squash"
+    settings["crop_size"] = {"height": height, "width": width}
+    base = processor.to_dict() if kind is type(processor) else {}
+    return kind.from_dict(base | settings)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, PixelStatistics, check_feature
+from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, ImageConfig, check_feature
 from finetune.errors import RecipeError, first_line
 from finetune.paths import resolve_path
 
@@ -82,14 +82,23 @@ class TimmLoader:
         check_feature(name, self.family)
         return getattr(model, "head_hidden_size", None) or model.num_features
 
-    def pixel_statistics(self, source: str, backbone: Backbone) -> PixelStatistics:
+    def image_config(self, source: str, backbone: Backbone) -> ImageConfig:
         import torch
         from timm.data import resolve_data_config
 
+        # Only the model's pretrained_cfg is read: build on the meta device, so no weights are read or allocated.
         with torch.device("meta"):
             model = self._create(source, None, pretrained=False)
         config = resolve_data_config({}, model=model)
-        return PixelStatistics(tuple(config["mean"]), tuple(config["std"]), tuple(config["input_size"][1:]))
+        return ImageConfig(
+            size=tuple(config["input_size"][1:]),
+            mean=tuple(config["mean"]),
+            std=tuple(config["std"]),
+            interpolation=config["interpolation"],
+            crop_pct=config["crop_pct"],
+            crop_mode=config.get("crop_mode", "center"),
+            fixed_size=bool(model.pretrained_cfg.get("fixed_input_size", False)),
+        )
 
     def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
         raise RecipeError(KEY, f"timm model {source!r} is not a language model; give an hf: causal LM")
@@ -101,23 +110,24 @@ class TimmLoader:
             KEY, f"timm model {source!r} takes images, not text; use finetune.data.ImageClassificationData"
         )
 
-    def image_transform(self, source: str, backbone: Backbone, train: bool) -> Callable[[Any], Any]:
-        import torch
-        from timm.data import create_transform, resolve_data_config
-
-        # Only the data config is needed: build on the meta device, so no weights are read or allocated.
-        with torch.device("meta"):
-            model = self._create(source, None, pretrained=False)
-        return create_transform(**resolve_data_config({}, model=model), is_training=train)
-
-    def export(self, model: Any, directory: Path, labels: list[str], backbone: Backbone) -> None:
+    def export(
+        self,
+        model: Any,
+        directory: Path,
+        labels: list[str],
+        backbone: Backbone,
+        image: ImageConfig | None = None,
+    ) -> None:
         from timm.models import save_for_hf
 
+        # data_config lands in config.json's pretrained_cfg, which timm.data.resolve_data_config reads back
+        # from a `local-dir:` model: the export preprocesses as validation did.
         save_for_hf(
             model,
             str(directory),
             model_config={"num_classes": len(labels), "label_names": list(labels)},
             safe_serialization=True,
+            data_config=image.timm_args() if image is not None else None,
         )
 
 

@@ -8,22 +8,41 @@ from typing import Any
 
 import pandas as pd
 import torch
+from typing_extensions import override
 
+from finetune.backbones.base import ImageConfig
+from finetune.batch import LABELS
 from finetune.data.classification import ClassificationData, NamedTable, RowDataset
+from finetune.data.transforms import (
+    DEFAULT_AUGMENT,
+    BatchMixer,
+    ImagePreparation,
+    Interpolation,
+    batch_mixer,
+    describe,
+)
 from finetune.errors import RecipeError
 
 IMAGE_EXTENSIONS = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 
 
 class ImageDataset(RowDataset):
-    """Images opened on access, converted to RGB and transformed; batches stack into ``pixel_values``."""
+    """Images opened on access, converted to RGB and transformed; batches stack into ``pixel_values``.
+
+    ``mixer`` (training only) mixes each labelled batch and adds its soft ``targets`` (``BatchMixer``).
+    """
 
     def __init__(
-        self, paths: list[str], transform: Callable[[Any], torch.Tensor], label_ids: list[int] | None
+        self,
+        paths: list[str],
+        transform: Callable[[Any], torch.Tensor],
+        label_ids: list[int] | None,
+        mixer: BatchMixer | None = None,
     ) -> None:
         super().__init__(len(paths), label_ids)
         self.paths = paths
         self.transform = transform
+        self.mixer = mixer
 
     def inputs(self, row: int) -> dict[str, Any]:
         from PIL import Image
@@ -34,22 +53,99 @@ class ImageDataset(RowDataset):
     def collate_inputs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
 
+    @override
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().collate(items)
+        return self.mixer(batch) if self.mixer is not None and LABELS in batch else batch
+
 
 class ImageClassificationData(ClassificationData):
     """Classify images from class folders or tables of image paths.
 
     Each split is a folder with one sub-folder per class (``FOLDER/CLASS/x.jpg``), a folder of unlabelled
     images (for predict), or a table with a path column and a label column.
+
+    Images are prepared from the backbone's preprocessing (timm's data config, or the Hugging Face image
+    processor's size, mean and std) and the image keys below (``finetune.data.transforms``): the train split
+    through the augmentation (and MixUp/CutMix), every other split as evaluation (resize, centre crop,
+    normalise), which is also what the export records.
     """
 
-    def __init__(self, path_column: str = "path", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path_column: str = "path",
+        image_size: int | tuple[int, int] | None = None,
+        augment: str = DEFAULT_AUGMENT,
+        scale: tuple[float, float] | None = None,
+        hflip: float | None = None,
+        color_jitter: float | None = None,
+        re_prob: float = 0.0,
+        crop_pct: float | None = None,
+        interpolation: Interpolation | None = None,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         """
         Args:
             path_column: in table files, the column holding image paths (relative ones are read from the
                 table's folder).
+            image_size: the input size, an int (square) or [height, width]; default: the model's.
+            augment: training augmentation: ``none`` (as evaluation), ``light`` (crops of 75-100% of the
+                area, flips), ``timm`` (timm's ImageNet default: crops of 8-100%, flips, colour jitter),
+                ``randaugment``, ``trivialaugment``, ``autoaugment``, or a timm auto-augment string
+                (``rand-m9-mstd0.5``).
+            scale: the random crop's area range [min, max] in (0, 1]; default: the augmentation's.
+            hflip: horizontal flip probability; default: the augmentation's (0.5).
+            color_jitter: brightness/contrast/saturation jitter strength; default: the augmentation's.
+            re_prob: random erasing probability.
+            crop_pct: evaluation: the share of the resized image the centre crop keeps (1: none); default:
+                the model's.
+            interpolation: the resize filter; default: the model's.
+            mixup: MixUp alpha for training batches (0: off); the loss then reads soft targets.
+            cutmix: CutMix alpha for training batches (0: off); with ``mixup``, one of the two per batch.
         """
         super().__init__(**kwargs)
         self.path_column = path_column
+        self.preparation = ImagePreparation(
+            image_size=image_size,
+            augment=augment,
+            scale=scale,
+            hflip=hflip,
+            color_jitter=color_jitter,
+            re_prob=re_prob,
+            crop_pct=crop_pct,
+            interpolation=interpolation,
+            mixup=mixup,
+            cutmix=cutmix,
+        )
+        self._backbone_images: ImageConfig | None = None
+
+    def image_config(self) -> ImageConfig:
+        """How evaluation prepares images (the backbone's preprocessing with ``image_size``, ``crop_pct``
+        and ``interpolation`` applied): what the task records and the export saves."""
+        return self.preparation.eval_config(self._backbone_config())
+
+    def transform(self, train: bool) -> Callable[[Any], torch.Tensor]:
+        """The training transform (``train``) or the evaluation one."""
+        return self.preparation.transform(self._backbone_config(), train)
+
+    def _backbone_config(self) -> ImageConfig:
+        """The backbone's own preprocessing, read once (it builds the model's skeleton or reads a file)."""
+        if self._backbone_images is None:
+            self._backbone_images = self.backbone_spec().image_config()
+        return self._backbone_images
+
+    def describe_preparation(self) -> str:
+        """The train and evaluation transforms and the batch mixing, one line each (for the run plan)."""
+        mixer = self.split_dataset("train").mixer if self.table("train") is not None else None
+        lines = [
+            f"train: {describe(self.transform(train=True))}",
+            f"eval: {describe(self.transform(train=False))}",
+        ]
+        if mixer is not None:
+            lines.append(f"train batches: {mixer!r}")
+        return "\n".join(lines)
 
     def input_columns(self) -> dict[str, str]:
         return {"data.path_column": self.path_column}
@@ -88,8 +184,9 @@ class ImageClassificationData(ClassificationData):
         raise RecipeError(key, f"{folder} has no images ({extensions}); lay it out as FOLDER/CLASS/IMAGE")
 
     def make_dataset(self, rows: pd.DataFrame, split: str, label_ids: list[int] | None) -> ImageDataset:
-        transform = self.backbone_spec().image_transform(train=split == "train")
-        return ImageDataset(rows[self.path_column].tolist(), transform, label_ids)
+        train = split == "train"
+        mixer = batch_mixer(self.preparation, len(self.labels)) if train else None
+        return ImageDataset(rows[self.path_column].tolist(), self.transform(train), label_ids, mixer)
 
 
 def _images(folder: Path, pattern: str) -> list[Path]:

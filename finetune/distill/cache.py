@@ -1,9 +1,10 @@
 """Teacher logits computed once per training sample and reused in later epochs.
 
 Valid only when a sample's inputs are the same every epoch: no train-time augmentation (random crops,
-flips, colour jitter ...), no random token masking. With augmentation the cached logits are those of
-another view of the image than the student sees, which silently weakens distillation; so the callback
-refuses the cache when the train split's transform has random steps (``augmenting_steps``).
+flips, colour jitter ..., MixUp/CutMix of batches), no random token masking. With augmentation the cached
+logits are those of another view of the image than the student sees, which silently weakens distillation;
+so the callback refuses the cache when the train split's transform has random steps or its batches are
+mixed (``augmenting_steps``).
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ class TeacherCache:
 
 
 def augmenting_steps(datamodule: Any) -> list[str]:
-    """Names of the random steps in the train split's transform (image data); empty when there are none
-    or the data has no transform (tokenised text)."""
+    """Names of the random steps in the train split's transform and of its batch mixer (image data:
+    ``ImageDataset.transform`` and ``.mixer``); empty when there are none or the data has no transform
+    (tokenised text)."""
     split_dataset = getattr(datamodule, "split_dataset", None)
     if split_dataset is None:
         return []
-    transform = getattr(split_dataset("train"), "transform", None)
-    steps = getattr(transform, "transforms", [transform] if transform is not None else [])
+    dataset = split_dataset("train")
+    transform = getattr(dataset, "transform", None)
+    steps = list(getattr(transform, "transforms", [transform] if transform is not None else []))
+    mixer = getattr(dataset, "mixer", None)
     names = [type(step).__name__ for step in steps]
-    return [name for name in names if any(marker in name for marker in AUGMENTING)]
+    random = [name for name in names if any(marker in name for marker in AUGMENTING)]
+    return random + ([repr(mixer)] if mixer is not None else [])

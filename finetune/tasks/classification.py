@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
 from finetune.backbones import Backbone
+from finetune.backbones.base import ImageConfig
 from finetune.backbones.layout import Layout, discover_layout
 from finetune.batch import model_inputs
+from finetune.data.transforms import TARGETS
 from finetune.errors import RecipeError
-from finetune.export import export_classifier
+from finetune.export import write_atomically, write_model
 from finetune.strategies import Strategy
 from finetune.tasks.base import FinetuneTask, Monitor
 from finetune.tasks.loss_terms import StepOutputs
@@ -31,12 +34,20 @@ class ClassificationTask(FinetuneTask):
     Logs ``{train,val,test}/loss``, ``/acc`` and ``/f1`` (macro). The training loss is cross-entropy plus
     any registered loss terms (``finetune.tasks.loss_terms``; per-sample means, ``reduction="mean"``).
 
+    A training batch mixed by MixUp/CutMix (``ImageClassificationData(mixup=..., cutmix=...)``) also
+    carries soft ``targets`` ``(B, C)``: its loss is the soft-target cross-entropy ``mean(-Σ t·log p)``
+    (timm's ``SoftTargetCrossEntropy``), with ``label_smoothing`` applied to ``t`` as timm's ``Mixup``
+    applies it; metrics stay on the original ``labels``. Loss terms see the same mixed batch.
+
     Args:
         backbone: the pretrained model: ``timm:NAME``, ``hf:ID``, a local folder, or a full backbone spec.
         strategy: what trains: ``full``, ``freeze``, ``partial`` (by name, default arguments) or a
             strategy object (``class_path``/``init_args`` in a recipe).
         labels: class names in index order; default: the datamodule's labels.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing (of soft MixUp/CutMix targets too).
+        image_config: how evaluation prepares images, which the export records (image data); default: the
+            datamodule's ``image_config()``, read when the model is built and kept in checkpoints. Give it
+            only to rebuild a task without its data.
         **kwargs: ``optimizer`` and ``lr_scheduler``, as ``FinetuneTask`` takes them.
     """
 
@@ -48,20 +59,28 @@ class ClassificationTask(FinetuneTask):
         strategy: str | Strategy = "full",
         labels: list[str] | None = None,
         label_smoothing: float = 0.0,
+        image_config: ImageConfig | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, strategy, **kwargs)
         self.labels = list(labels) if labels is not None else None
         self.label_smoothing = label_smoothing
+        self.image_config = ImageConfig.of(image_config) if image_config is not None else None
         self.save_hyperparameters(
-            self.base_hparams() | {"labels": self.labels, "label_smoothing": label_smoothing}
+            self.base_hparams()
+            | {"labels": self.labels, "label_smoothing": label_smoothing, "image_config": self._plain_image()}
         )
+
+    def _plain_image(self) -> dict[str, Any] | None:
+        return self.image_config.plain() if self.image_config is not None else None
 
     def build_model(self) -> tuple[nn.Module, Layout]:
         labels = self._resolve_labels()
         classifier = self.backbone.load_classifier(labels, self.strategy.load_options())
         self.labels = labels
         self.hparams["labels"] = labels
+        self.image_config = self._resolve_image_config()
+        self.hparams["image_config"] = self._plain_image()
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes=len(labels)),
@@ -93,10 +112,16 @@ class ClassificationTask(FinetuneTask):
             )
         return self.labels if self.labels is not None else data_labels
 
+    def _resolve_image_config(self) -> ImageConfig | None:
+        """The datamodule's evaluation image preparation when it has one, else the one given."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        image_config = getattr(datamodule, "image_config", None)
+        return image_config() if callable(image_config) else self.image_config
+
     @override
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Class logits for a batch."""
-        return self.loader.logits(self.model, model_inputs(batch))
+        return self.loader.logits(self.model, _model_inputs(batch))
 
     def forward_features(
         self, batch: dict[str, Any], names: tuple[str, ...]
@@ -104,11 +129,13 @@ class ClassificationTask(FinetuneTask):
         """Class logits and the named features (``pooled``, ``hidden.N``) of one forward pass."""
         if not names:
             return self(batch), {}
-        return self.loader.features(self.model, model_inputs(batch), names)
+        return self.loader.features(self.model, _model_inputs(batch), names)
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         logits, features = self.forward_features(batch, self.requested_features() if stage == "train" else ())
-        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
+        # Soft targets (B, C) of a mixed training batch, else the class ids; cross_entropy smooths either.
+        targets = batch[TARGETS] if stage == "train" and TARGETS in batch else batch["labels"]
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         batch_size = len(batch["labels"])
         if stage == "train":
             outputs = StepOutputs(logits=logits, batch=batch, task_loss=loss, features=features)
@@ -137,8 +164,22 @@ class ClassificationTask(FinetuneTask):
         return {"index": batch["index"], "probabilities": self(batch).softmax(-1)}
 
     def export(self, directory: Path, merge: bool = False) -> Path:
-        """Write the model in its native format (HF folder or timm config + safetensors) with ``labels.json``.
+        """Write the model in its native format (HF folder or timm config + safetensors) with ``labels.json``;
+        an image model's export records ``image_config``, so that it preprocesses as validation did.
 
         Under an adapter strategy the adapters alone are written, in peft's format, unless ``merge``.
         """
-        return export_classifier(self, directory, merge)
+
+        def save_plain(model: Any, target: Path) -> None:
+            self.loader.export(model, target, self.labels, self.backbone, image=self.image_config)
+
+        def write(target: Path) -> None:
+            write_model(self, target, merge, save_plain)
+            (target / "labels.json").write_text(json.dumps(self.labels, indent=2))
+
+        return write_atomically(directory, write)
+
+
+def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model inputs of a batch: neither ``labels``, ``index`` nor MixUp's soft ``targets``."""
+    return {key: value for key, value in model_inputs(batch).items() if key != TARGETS}
