@@ -1,4 +1,8 @@
-"""What text and image classification data share: splits, the label list and batching of table rows."""
+"""What text and image classification data share: splits, the label list and batching of table rows.
+
+A split's rows are a pandas DataFrame (image path tables) or a memory-mapped Arrow ``datasets.Dataset``
+(text); ``finetune.data.rows`` gives both one contract, so splitting and labelling are written once.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing_extensions import override
 from finetune.batch import INDEX, LABELS, NOT_MODEL_INPUTS
 from finetune.data.labels import checked_labels, sorted_labels
 from finetune.data.loaders import LoaderDataModule
+from finetune.data.rows import FrameRows, LabelIds, SplitRows
 from finetune.data.splits import check_hold_out, hold_out
 from finetune.data.tables import read_table
 from finetune.errors import RecipeError, require
@@ -35,21 +40,26 @@ MISSING_SPLIT_FIX = {
 
 
 class NamedTable(NamedTuple):
-    """A split's rows and the name used for it in error messages (usually the file name)."""
+    """A split's rows (a DataFrame, or ``SplitRows`` such as Arrow rows) and the name used for it in error
+    messages (usually the file name)."""
 
-    rows: pd.DataFrame
+    rows: pd.DataFrame | SplitRows
     name: str
 
 
 class RowDataset(Dataset, ABC):
     """Item ``i`` is row ``i``'s model inputs plus ``index`` (``i``) and, when known, ``labels`` (class id).
 
-    Subclasses say how a row becomes model inputs and how inputs are batched; ``collate`` adds the rest.
+    Subclasses say how rows become model inputs and how inputs are batched; ``collate`` adds the rest. The
+    DataLoader fetches a batch's rows in one ``__getitems__`` call, so Arrow-backed subclasses read them in
+    one gather (override ``inputs_of``).
     """
 
-    def __init__(self, size: int, label_ids: Sequence[int] | None) -> None:
+    def __init__(self, size: int, label_ids: Sequence[int] | LabelIds | None) -> None:
         self.size = size
-        self.label_ids = label_ids
+        self.label_ids = (
+            label_ids if label_ids is None or hasattr(label_ids, "take") else np.asarray(label_ids, np.int64)
+        )
 
     @abstractmethod
     def inputs(self, row: int) -> dict[str, Any]:
@@ -59,15 +69,24 @@ class RowDataset(Dataset, ABC):
     def collate_inputs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Batch the model inputs of several rows."""
 
+    def inputs_of(self, rows: list[int]) -> list[dict[str, Any]]:
+        """The model inputs of several rows."""
+        return [self.inputs(row) for row in rows]
+
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, row: int) -> dict[str, Any]:
-        item = self.inputs(row)
-        item[INDEX] = row
-        if self.label_ids is not None:
-            item[LABELS] = self.label_ids[row]
-        return item
+        return self.__getitems__([row])[0]
+
+    def __getitems__(self, rows: list[int]) -> list[dict[str, Any]]:
+        items = self.inputs_of(rows)
+        labels = None if self.label_ids is None else self.label_ids.take(rows).tolist()
+        for position, (item, row) in enumerate(zip(items, rows)):
+            item[INDEX] = row
+            if labels is not None:
+                item[LABELS] = labels[position]
+        return items
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         inputs = [{k: v for k, v in item.items() if k not in NOT_MODEL_INPUTS} for item in items]
@@ -123,10 +142,10 @@ class ClassificationData(LoaderDataModule, ABC):
         self.limit = limit
         self.encoding = encoding
         self._labels: list[str] | None = None
-        self._tables: dict[str, pd.DataFrame | None] = {}
+        self._tables: dict[str, SplitRows | None] = {}
         # The train rows before val/test are held out: the class list comes from all of them, so a class
         # whose few rows all land in val is still a class.
-        self._train_pool: pd.DataFrame | None = None
+        self._train_pool: SplitRows | None = None
         self._datasets: dict[str, RowDataset] = {}
 
     # --- what subclasses provide ---------------------------------------------------------------------
@@ -136,8 +155,8 @@ class ClassificationData(LoaderDataModule, ABC):
         """Columns every split must have, keyed by the recipe key that names them."""
 
     @abstractmethod
-    def make_dataset(self, rows: pd.DataFrame, split: str, label_ids: list[int] | None) -> RowDataset:
-        """The dataset for one split's rows."""
+    def make_dataset(self, rows: Any, split: str, label_ids: LabelIds | None) -> RowDataset:
+        """The dataset for one split's rows (``table(split)``); ``label_ids`` gives each row's class id."""
 
     def read_split(self, split: str) -> NamedTable | None:
         """The table given for ``split``, or None when the recipe gives none."""
@@ -165,7 +184,11 @@ class ClassificationData(LoaderDataModule, ABC):
     def _resolve_labels(self) -> list[str]:
         self.table("train")  # fills self._train_pool
         pool = self._train_pool
-        found = None if pool is None else sorted_labels(pool[self.label_column])
+        found = None if pool is None else sorted_labels(pool.label_names(self.label_column))
+        return self._checked_labels(found)
+
+    def _checked_labels(self, found: list[str] | None) -> list[str]:
+        """The class list: ``labels`` if given (every label ``found`` in train must be in it), else ``found``."""
         if self.given_labels is None:
             if found is None:
                 raise RecipeError(
@@ -183,18 +206,18 @@ class ClassificationData(LoaderDataModule, ABC):
     def _labels_known(self) -> bool:
         return self._labels is not None or self.given_labels is not None or self.table("train") is not None
 
-    def _label_ids(self, split: str, rows: pd.DataFrame) -> list[int] | None:
-        if self.label_column not in rows.columns or (split == "predict" and not self._labels_known()):
+    def _label_ids(self, split: str, rows: SplitRows) -> LabelIds | None:
+        if self.label_column not in rows.columns() or (split == "predict" and not self._labels_known()):
             # Predict files may be unlabelled, and predicting from a checkpoint may have no train data.
             return None
         index = {label: i for i, label in enumerate(self.labels)}
-        unknown = sorted(set(rows[self.label_column]) - set(index))
+        unknown = sorted(rows.label_names(self.label_column) - set(index))
         if unknown:
             origin = "are not in data.labels" if self.given_labels is not None else "do not occur in train"
             raise RecipeError(
                 f"data.{split}", f"labels {unknown} {origin}; drop those rows or fix the labels"
             )
-        return [index[label] for label in rows[self.label_column]]
+        return rows.label_ids(self.label_column, index)
 
     def save_labels(self, directory: Path) -> Path:
         """Write ``labels.json`` (a JSON list in class-index order) into ``directory``; return its path."""
@@ -219,41 +242,45 @@ class ClassificationData(LoaderDataModule, ABC):
 
     # --- splits ------------------------------------------------------------------------------------------
 
-    def table(self, split: str) -> pd.DataFrame | None:
-        """The rows of ``split`` (row ``i`` has ``index`` ``i`` in batches), or None when there are none."""
+    def table(self, split: str) -> pd.DataFrame | Any | None:
+        """The rows of ``split`` (row ``i`` has ``index`` ``i`` in batches), or None when there are none: a
+        memory-mapped ``datasets.Dataset`` for text, a DataFrame for image path tables."""
+        rows = self.split_rows(split)
+        return None if rows is None else rows.rows
+
+    def split_rows(self, split: str) -> SplitRows | None:
+        """``split``'s rows behind the ``SplitRows`` contract, or None when there are none."""
         if split not in self._tables:
             self._tables.update(self._predict_split() if split == "predict" else self._fit_splits())
         return self._tables[split]
 
-    def predict_table(self) -> pd.DataFrame:
+    def predict_table(self) -> pd.DataFrame | Any:
         """The rows of the predict split, in predict-loader order; join predictions on ``index``."""
         rows = self.table("predict")
         if rows is None:
             raise RecipeError("data.predict", f"no data to predict on; {MISSING_SPLIT_FIX['predict']}")
         return rows
 
-    def _load(self, split: str) -> pd.DataFrame | None:
+    def _load(self, split: str) -> SplitRows | None:
         named = self.read_split(split)
         if named is None:
             return None
-        rows, name = named
+        rows = FrameRows(named.rows) if isinstance(named.rows, pd.DataFrame) else named.rows
         for key, column in self.input_columns().items():
-            _require_column(rows, column, key, name)
-        if self.label_column not in rows.columns:
+            _require_column(rows, column, key, named.name)
+        if self.label_column not in rows.columns():
             if split != "predict":
-                _require_column(rows, self.label_column, "data.label_column", name)
+                _require_column(rows, self.label_column, "data.label_column", named.name)
             return rows
-        missing = int(rows[self.label_column].isna().sum())
+        missing = rows.missing(self.label_column)
         require(
             missing == 0,
             f"data.{split}",
-            f"{missing} rows of {name} have no {self.label_column!r} value; fill them in or drop those rows",
+            f"{missing} rows of {named.name} have no {self.label_column!r} value; fill them in or drop those rows",
         )
-        rows = rows.copy()
-        rows[self.label_column] = rows[self.label_column].astype(str)
         return rows
 
-    def _fit_splits(self) -> dict[str, pd.DataFrame | None]:
+    def _fit_splits(self) -> dict[str, SplitRows | None]:
         """train/val/test: read the given ones, then sample train and hold out the missing ones from it."""
         splits = {split: self._load(split) for split in ("train", "val", "test")}
         train = splits["train"]
@@ -261,19 +288,17 @@ class ClassificationData(LoaderDataModule, ABC):
             fractions = {"val": self.val_fraction, "test": self.test_fraction}
             missing = {split: fraction for split, fraction in fractions.items() if splits[split] is None}
             picked = hold_out(len(train), missing, self.seed, self.limit)
-            self._train_pool = train.iloc[np.sort(np.concatenate(list(picked.values())))]
-            splits.update({split: train.iloc[indices] for split, indices in picked.items()})
+            self._train_pool = train.take(np.sort(np.concatenate(list(picked.values()))))
+            splits.update({split: train.take(indices) for split, indices in picked.items()})
         logger.info(
             "data rows: %s", ", ".join(f"{s} {0 if t is None else len(t)}" for s, t in splits.items())
         )
-        return {
-            split: None if rows is None else rows.reset_index(drop=True) for split, rows in splits.items()
-        }
+        return splits
 
-    def _predict_split(self) -> dict[str, pd.DataFrame | None]:
+    def _predict_split(self) -> dict[str, SplitRows | None]:
         rows = self._load("predict")
         if rows is None:
-            rows = next((t for t in (self.table("test"), self.table("val")) if t is not None), None)
+            rows = next((t for t in (self.split_rows("test"), self.split_rows("val")) if t is not None), None)
         return {"predict": rows}
 
     # --- Lightning hooks ------------------------------------------------------------------------------
@@ -289,10 +314,10 @@ class ClassificationData(LoaderDataModule, ABC):
     def split_dataset(self, split: str) -> RowDataset:
         """The (cached) dataset of ``split``; RecipeError when the recipe gives no data for it."""
         if split not in self._datasets:
-            rows = self.table(split)
+            rows = self.split_rows(split)
             if rows is None:
                 raise RecipeError(f"data.{split}", f"no {split} data; {MISSING_SPLIT_FIX[split]}")
-            self._datasets[split] = self.make_dataset(rows, split, self._label_ids(split, rows))
+            self._datasets[split] = self.make_dataset(rows.rows, split, self._label_ids(split, rows))
         return self._datasets[split]
 
     @override
@@ -313,7 +338,7 @@ class ClassificationData(LoaderDataModule, ABC):
         return self.eval_loader(self.split_dataset("predict"))
 
 
-def _require_column(rows: pd.DataFrame, column: str, key: str, name: str) -> None:
-    if column not in rows.columns:
-        columns = ", ".join(map(str, rows.columns))
+def _require_column(rows: SplitRows, column: str, key: str, name: str) -> None:
+    if column not in rows.columns():
+        columns = ", ".join(map(str, rows.columns()))
         raise RecipeError(key, f"column {column!r} not in {name}; columns are: {columns}")

@@ -1,11 +1,19 @@
-"""Read a data table (CSV, TSV, JSON lines, Parquet) from disk, tolerating text that is not valid UTF-8."""
+"""Read a data table (CSV, TSV, JSON lines, Parquet) from disk, tolerating text that is not valid UTF-8.
+
+``read_table`` reads a whole file into a DataFrame (small tables: image paths). ``TableChunks`` reads one in
+DataFrames of a bounded number of rows, so a file of any size passes through a bounded amount of memory; the
+Arrow cache and streaming read through it. Both decode text the same way (``DecodedText``).
+"""
 
 from __future__ import annotations
 
 import codecs
 import io
 import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -15,6 +23,18 @@ logger = logging.getLogger(__name__)
 
 TEXT_FORMATS = {".csv", ".tsv", ".json", ".jsonl"}
 FORMATS = (*sorted(TEXT_FORMATS), ".parquet")
+BLOCK = 1 << 20  # bytes decoded at a time
+CHUNK_ROWS = 50_000  # rows per DataFrame of TableChunks
+
+
+def check_format(path: Path, key: str) -> str:
+    """The lower-case extension of ``path``; RecipeError (``key``) when it is not a table format."""
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise RecipeError(
+            key, f"cannot read {path.name}: unknown extension {suffix!r}; use one of {', '.join(FORMATS)}"
+        )
+    return suffix
 
 
 def read_table(path: str | Path, key: str, encoding: str = "auto") -> pd.DataFrame:
@@ -25,72 +45,204 @@ def read_table(path: str | Path, key: str, encoding: str = "auto") -> pd.DataFra
     that cannot be parsed, or a table with no rows.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise RecipeError(
-            key, f"cannot read {path.name}: unknown extension {suffix!r}; use one of {', '.join(FORMATS)}"
-        )
-    text = None if suffix == ".parquet" else _read_text(path, encoding)
-    try:
-        table = pd.read_parquet(path) if text is None else _parse_text(text, suffix)
-    except (ValueError, OSError) as error:
-        # pandas' parser errors subclass ValueError; one line is enough to locate the bad file.
-        raise RecipeError(
-            key, f"cannot read {path.name}: {first_line(error)}; check the file's format"
-        ) from error
+    suffix = check_format(path, key)
+    with _parse_errors(path, key):
+        if suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            with DecodedText(path, encoding) as text:
+                table = _parse(text, suffix, chunk_rows=None, dtype=None)
+            warn_replaced(path.name, text.replaced)
     if table.empty:
-        raise RecipeError(key, f"{path.name} has no rows; give a table with a header and at least one row")
+        raise _no_rows(path, key)
     return table
 
 
-def _parse_text(text: str, suffix: str) -> pd.DataFrame:
-    if not text.strip():
-        return pd.DataFrame()
-    if suffix == ".csv":
-        return pd.read_csv(io.StringIO(text))
-    if suffix == ".tsv":
-        return pd.read_csv(io.StringIO(text), sep="\t")
-    # A .json file may be a JSON array of records rather than JSON lines; both are common exports.
-    return pd.read_json(io.StringIO(text), lines=not text.lstrip().startswith("["))
+class TableChunks:
+    """The rows of a table file as DataFrames of at most ``rows`` rows, read in one pass per iteration.
+
+    Text is decoded as ``read_table`` does; after an iteration, ``replaced`` counts the bytes that were not
+    valid UTF-8 (``encoding="auto"``). ``dtype`` maps columns to a pandas dtype to read them as (text
+    formats), ``columns`` keeps only those columns. A JSON array (not JSON lines) is read whole, in one chunk.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        key: str,
+        encoding: str = "auto",
+        rows: int = CHUNK_ROWS,
+        dtype: Mapping[str, Any] | None = None,
+        columns: list[str] | None = None,
+    ) -> None:
+        self.path = path
+        self.key = key
+        self.encoding = encoding
+        self.rows = rows
+        self.dtype = dict(dtype or {})
+        self.columns = columns
+        self.suffix = check_format(path, key)
+        self.replaced = 0
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        with _parse_errors(self.path, self.key):
+            if self.suffix == ".parquet":
+                yield from self._parquet()
+                return
+            with DecodedText(self.path, self.encoding) as text:
+                chunks = _parse(text, self.suffix, self.rows, self.dtype or None)
+                for chunk in [chunks] if isinstance(chunks, pd.DataFrame) else chunks:
+                    yield chunk if self.columns is None else chunk[self.columns]
+            self.replaced = text.replaced
+
+    def _parquet(self) -> Iterator[pd.DataFrame]:
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(self.path) as file:
+            for batch in file.iter_batches(batch_size=self.rows, columns=self.columns):
+                yield batch.to_pandas()
 
 
-def _read_text(path: Path, encoding: str) -> str:
-    raw = path.read_bytes()
-    if encoding != "auto":
-        try:
-            return raw.decode(encoding)
-        except LookupError:
-            raise RecipeError(
-                "data.encoding", f"unknown encoding {encoding!r}; use e.g. utf-8, cp1252, latin-1"
-            ) from None
-        except UnicodeDecodeError as error:
-            raise RecipeError(
-                "data.encoding",
-                f"{path.name} is not valid {encoding} (byte {error.start}); set the file's encoding, or auto",
-            ) from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text, bad = _decode_replacing(raw)
+def warn_replaced(name: str, replaced: int) -> None:
+    """The one warning about bytes that were not UTF-8 (read with ``encoding: auto``)."""
+    if replaced:
         logger.warning(
             "%s: %d bytes are not valid UTF-8 and were replaced with U+FFFD; set data.encoding "
             "(e.g. cp1252) to read them in another encoding",
-            path.name,
-            bad,
+            name,
+            replaced,
         )
-        return text
 
 
-def _decode_replacing(raw: bytes) -> tuple[str, int]:
-    """Decode like ``errors="replace"`` and also count the undecodable bytes."""
-    view = memoryview(raw)
+@contextmanager
+def _parse_errors(path: Path, key: str) -> Iterator[None]:
+    """Turn a parser's error into one RecipeError line that locates the bad file."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise _no_rows(path, key) from None
+    except (ValueError, OSError) as error:  # pandas' and pyarrow's parser errors subclass these
+        raise RecipeError(
+            key, f"cannot read {path.name}: {first_line(error)}; check the file's format"
+        ) from error
+
+
+def _no_rows(path: Path, key: str) -> RecipeError:
+    return RecipeError(key, f"{path.name} has no rows; give a table with a header and at least one row")
+
+
+def _parse(
+    text: DecodedText, suffix: str, chunk_rows: int | None, dtype: dict[str, Any] | None
+) -> pd.DataFrame | Iterator[pd.DataFrame]:
+    """A DataFrame (``chunk_rows`` None) or an iterator of DataFrames of ``chunk_rows`` rows."""
+    lead = text.lead()
+    if not lead:
+        return pd.DataFrame()
+    stream = io.BufferedReader(text, BLOCK)
+    if suffix in (".csv", ".tsv"):
+        sep = "\t" if suffix == ".tsv" else ","
+        return pd.read_csv(stream, sep=sep, chunksize=chunk_rows, dtype=dtype)
+    # A .json file may be a JSON array of records rather than JSON lines; both are common exports.
+    lines = lead != "["
+    return pd.read_json(stream, lines=lines, chunksize=chunk_rows if lines else None, dtype=dtype)
+
+
+class DecodedText(io.RawIOBase):
+    """A text file as UTF-8 bytes, decoded ``BLOCK`` bytes at a time.
+
+    ``encoding="auto"``: UTF-8, each undecodable byte sequence replaced by U+FFFD like ``errors="replace"``
+    (``replaced`` counts the bytes). Any other encoding is decoded strictly; a byte it cannot decode, or an
+    unknown encoding, raises ``RecipeError`` on ``data.encoding``.
+    """
+
+    def __init__(self, path: Path, encoding: str) -> None:
+        super().__init__()
+        self.name = path.name
+        self.encoding = encoding
+        self.replaced = 0
+        self._decoder = None
+        if encoding != "auto":
+            try:
+                self._decoder = codecs.getincrementaldecoder(encoding)("strict")
+            except LookupError:
+                raise RecipeError(
+                    "data.encoding", f"unknown encoding {encoding!r}; use e.g. utf-8, cp1252, latin-1"
+                ) from None
+        self._file = path.open("rb")
+        self._pending = b""  # undecoded bytes: the start of a character cut by the block's end
+        self._read = 0  # bytes read from the file
+        self._out = b""
+        self._position = 0
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._position == len(self._out) and not self._done:
+            self._fill()
+        count = min(len(buffer), len(self._out) - self._position)
+        buffer[:count] = self._out[self._position : self._position + count]
+        self._position += count
+        return count
+
+    def lead(self) -> str:
+        """The first character that is not ASCII whitespace ("" for an empty text); nothing is consumed."""
+        while not self._out[self._position :].lstrip() and not self._done:
+            self._fill()
+        return self._out[self._position :].lstrip()[:1].decode("ascii", errors="replace")
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def _fill(self) -> None:
+        block = self._file.read(BLOCK)
+        self._done = not block
+        decoded = self._decode(self._pending + block, final=self._done)
+        self._read += len(block)
+        self._out = self._out[self._position :] + decoded
+        self._position = 0
+
+    def _decode(self, data: bytes, final: bool) -> bytes:
+        if self._decoder is not None:
+            return self._decode_strict(data, final)
+        text, used, bad = decode_replacing(data, final)
+        self._pending = data[used:]
+        self.replaced += bad
+        # Valid UTF-8 passes through as it is; only a block with replacements is re-encoded.
+        return data[:used] if not bad else text.encode("utf-8")
+
+    def _decode_strict(self, data: bytes, final: bool) -> bytes:
+        self._pending = b""
+        buffered = len(self._decoder.getstate()[0])
+        try:
+            return self._decoder.decode(data, final).encode("utf-8")
+        except UnicodeDecodeError as error:
+            at = self._read - buffered + error.start
+            raise RecipeError(
+                "data.encoding",
+                f"{self.name} is not valid {self.encoding} (byte {at}); set the file's encoding, or auto",
+            ) from None
+
+
+def decode_replacing(data: bytes, final: bool = True) -> tuple[str, int, int]:
+    """Decode UTF-8 like ``errors="replace"`` and count the undecodable bytes.
+
+    Returns ``(text, bytes used, bytes replaced)``; unless ``final``, an incomplete character at the end is
+    left unused for the next block, so decoding block by block gives the text of decoding all at once.
+    """
+    view = memoryview(data)
     parts: list[str] = []
     bad = 0
     position = 0
     while True:
         try:
-            parts.append(codecs.utf_8_decode(view[position:], "strict", True)[0])
-            return "".join(parts), bad
+            text, used = codecs.utf_8_decode(view[position:], "strict", final)
+            parts.append(text)
+            return "".join(parts), position + used, bad
         except UnicodeDecodeError as error:
             parts.append(codecs.utf_8_decode(view[position : position + error.start], "strict", True)[0])
             parts.append("\ufffd")

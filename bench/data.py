@@ -1,0 +1,207 @@
+"""Memory and set-up time of text data as the corpus grows: python -m bench.data
+
+Generates CSVs of short texts (8 words, 3 labels) with 100,000 and 2,000,000 rows into a temporary folder,
+and a tiny word-level BERT for them, then measures each configuration in a fresh process:
+
+- ``loader``: ``TextClassificationData(train=CSV, batch_size=32)``, ``setup("fit")``, the training
+  ``DataLoader`` and its first 1,000 batches (no model). Reports the set-up time (module built to loader
+  ready) and the process's peak resident set size (``ru_maxrss``), and RSS after the imports. Run twice per
+  size: the first run starts from an empty cache folder, the second reuses what the first wrote.
+- ``plan``: ``python -m finetune plan`` on a recipe training the tiny BERT on the CSV; peak RSS of that
+  process (``wait4``).
+
+A process whose RSS passes ``--cap-gib`` is killed and reported as above it, so measuring code that holds
+every row in memory cannot exhaust the machine. ``--code DIR`` measures the ``finetune`` package found in
+``DIR`` (e.g. an export of an older commit: ``git archive HEAD | tar -x -C DIR``). Prints a markdown table;
+``--json PATH`` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+LABELS = ("negative", "neutral", "positive")
+MIB = 2**20
+
+
+def generate(path: Path, rows: int, seed: int = 0) -> Path:
+    """A CSV of ``rows`` texts of 8 words drawn from the tiny tokenizer's vocabulary, and a label each."""
+    import numpy as np
+    import pandas as pd
+
+    from tests.helpers.models import WORDS
+
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS, dtype=object)
+    picks = words[rng.integers(0, len(words), size=(rows, 8))]
+    texts = [" ".join(row) for row in picks]
+    labels = np.array(LABELS, dtype=object)[rng.integers(0, len(LABELS), size=rows)]
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
+    return path
+
+
+def make_model(directory: Path) -> Path:
+    from tests.helpers.models import bert_folder, make_tokenizer
+
+    make_tokenizer(directory / "tokenizer")
+    return bert_folder(directory / "bert", directory / "tokenizer", hidden=32)
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_loader(csv: str, model: str, batches: int, workers: int) -> dict:
+    """Runs in the measured process: build the data and its loader, then draw ``batches`` batches."""
+    import torch
+
+    from finetune.data import TextClassificationData
+
+    torch.set_num_threads(1)
+    imported = rss_now()
+    start = time.perf_counter()
+    data = TextClassificationData(train=csv, backbone=model, batch_size=32, num_workers=workers)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    setup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    drawn = 0
+    for drawn, _ in enumerate(loader, start=1):
+        if drawn == batches:
+            break
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {
+        "imported_mib": imported / MIB,
+        "setup_s": setup_s,
+        "iterate_s": time.perf_counter() - start,
+        "batches": drawn,
+        "peak_mib": own / MIB,
+        "worker_peak_mib": children / MIB,
+    }
+
+
+def run_capped(command: list[str], env: dict, cwd: Path, cap: int) -> tuple[int | None, str, float]:
+    """Run ``command``; return (peak RSS in bytes or None when killed at ``cap``, stdout, seconds)."""
+    import psutil
+
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        killed = threading.Event()
+
+        def watch() -> None:
+            try:
+                watched = psutil.Process(process.pid)
+                while process.returncode is None and not killed.is_set():
+                    tree = [watched, *watched.children(recursive=True)]
+                    if sum(p.memory_info().rss for p in tree if p.is_running()) > cap:
+                        killed.set()
+                        process.kill()
+                    time.sleep(0.2)
+            except psutil.Error:
+                pass
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        text = out.read()
+    if killed.is_set():
+        return None, text, seconds
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{text[-3000:]}")
+    return usage.ru_maxrss * 1024, text, seconds
+
+
+def write_recipe(path: Path, csv: Path, model: Path) -> Path:
+    path.write_text(
+        "trainer: {max_epochs: 1, accelerator: cpu}\n"
+        "model:\n  class_path: finetune.ClassificationTask\n"
+        f"  init_args: {{backbone: {model}, strategy: full}}\n"
+        "data:\n  class_path: finetune.data.TextClassificationData\n"
+        f"  init_args: {{train: {csv}, batch_size: 32}}\n"
+    )
+    return path
+
+
+def run(args: argparse.Namespace, work: Path) -> list[dict]:
+    model = make_model(work / "model")
+    code = Path(args.code).resolve() if args.code else REPOSITORY
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(code), str(REPOSITORY)]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    cap = int(args.cap_gib * 2**30)
+    results = []
+    for rows in args.rows:
+        csv = generate(work / f"texts-{rows}.csv", rows)
+        env["HF_DATASETS_CACHE"] = str(work / f"cache-{rows}")  # a cold cache per size
+        for attempt in ("first", "second"):
+            child = [sys.executable, "-m", "bench.data", "--child", str(csv), str(model)]
+            child += ["--batches", str(args.batches), "--workers", str(args.workers)]
+            peak, text, _ = run_capped(child, env, REPOSITORY, cap)
+            numbers = json.loads(text.strip().splitlines()[-1]) if peak is not None else {}
+            results.append({"rows": rows, "what": f"loader ({attempt} run)", "peak": peak, **numbers})
+            print(json.dumps(results[-1]), flush=True)
+        recipe = write_recipe(work / f"recipe-{rows}.yaml", csv, model)
+        command = [sys.executable, "-m", "finetune", "plan", str(recipe)]
+        peak, _, seconds = run_capped(command, env, work, cap)
+        results.append({"rows": rows, "what": "plan", "peak": peak, "wall_s": seconds})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def table(results: list[dict], cap_gib: float) -> str:
+    lines = ["| rows | measured | peak RSS | set-up | wall |", "|---:|---|---:|---:|---:|"]
+    for r in results:
+        # The loader's own peak at its last batch; the plan's over its whole life (wait4).
+        own = r.get("peak_mib", None if r["peak"] is None else r["peak"] / MIB)
+        peak = f"> {cap_gib:g} GiB (killed)" if own is None else f"{own:,.0f} MiB"
+        setup = f"{r['setup_s']:.2f} s" if "setup_s" in r else ""
+        wall = f"{r['wall_s']:.1f} s" if "wall_s" in r else ""
+        lines.append(f"| {r['rows']:,} | {r['what']} | {peak} | {setup} | {wall} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 2_000_000])
+    parser.add_argument("--batches", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=0, help="data.num_workers of the loader runs")
+    parser.add_argument("--code", help="folder holding the finetune package to measure (default: this one)")
+    parser.add_argument("--cap-gib", type=float, default=12.0)
+    parser.add_argument("--work", help="folder for the CSVs, model and caches (default: a temporary one)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", nargs=2, metavar=("CSV", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure_loader(*args.child, args.batches, args.workers)))
+        return
+    with tempfile.TemporaryDirectory() as temporary:
+        work = Path(args.work or temporary)
+        work.mkdir(parents=True, exist_ok=True)
+        results = run(args, work)
+    print(table(results, args.cap_gib))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""A split's rows for ``ClassificationData``, behind one small contract: a pandas DataFrame (small tables,
+such as image paths) or a memory-mapped Arrow ``datasets.Dataset`` (text tables of any size).
+
+Labels are compared as text either way: a cell's label is ``str(value)`` (what ``astype(str)`` gives in pandas),
+and a Hugging Face ``ClassLabel`` id is its class name (-1, unlabelled, is a missing label).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from finetune.data.arrow import cached_map, fingerprint
+
+if TYPE_CHECKING:
+    import datasets
+    import pyarrow as pa
+
+BATCH = 100_000  # rows read at a time when scanning an Arrow column
+
+
+class SplitRows(Protocol):
+    """What ``ClassificationData`` needs from a split's rows."""
+
+    @property
+    def rows(self) -> Any:
+        """The rows as ``table(split)`` gives them (row ``i`` has ``index`` ``i`` in batches)."""
+
+    def __len__(self) -> int: ...
+
+    def columns(self) -> list[str]: ...
+
+    def missing(self, column: str) -> int:
+        """How many rows have no value in ``column``."""
+
+    def take(self, indices: np.ndarray) -> SplitRows:
+        """The rows at ``indices`` (sorted, distinct), in that order."""
+
+    def label_names(self, column: str) -> set[str]:
+        """The distinct labels (as text) in ``column``."""
+
+    def label_ids(self, column: str, index: Mapping[str, int]) -> LabelIds:
+        """Each row's class id: ``index`` of its label."""
+
+
+class LabelIds(Protocol):
+    """Class ids of a split's rows, read a batch at a time (a numpy array is one)."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, rows: Sequence[int]) -> np.ndarray: ...
+
+
+class FrameRows:
+    """A split held as a pandas DataFrame."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        return self.frame
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def columns(self) -> list[str]:
+        return list(self.frame.columns)
+
+    def missing(self, column: str) -> int:
+        return int(self.frame[column].isna().sum())
+
+    def take(self, indices: np.ndarray) -> FrameRows:
+        return FrameRows(self.frame.iloc[indices].reset_index(drop=True))
+
+    def label_names(self, column: str) -> set[str]:
+        return set(self.frame[column].astype(str))
+
+    def label_ids(self, column: str, index: Mapping[str, int]) -> np.ndarray:
+        return np.array([index[label] for label in self.frame[column].astype(str)], dtype=np.int64)
+
+
+class ArrowRows:
+    """A split held as a memory-mapped ``datasets.Dataset``; ``fingerprint`` identifies its rows, and
+    derived columns (class ids) are cached in ``cache``."""
+
+    def __init__(self, dataset: datasets.Dataset, fingerprint: str, cache: Path) -> None:
+        self.dataset = dataset
+        self.fingerprint = fingerprint
+        self.cache = cache
+
+    @property
+    def rows(self) -> datasets.Dataset:
+        return self.dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def columns(self) -> list[str]:
+        return list(self.dataset.column_names)
+
+    def missing(self, column: str) -> int:
+        import pyarrow.compute as pc
+
+        missing = 0
+        for values in self._scan(column):
+            missing += values.null_count
+            if self._class_names(column) is not None:
+                missing += pc.sum(pc.less(values, 0)).as_py() or 0
+        return missing
+
+    def take(self, indices: np.ndarray) -> ArrowRows:
+        if len(indices) == len(self.dataset):
+            return self  # sorted and distinct: every row, in order
+        key = fingerprint(self.fingerprint, "take", indices)
+        return ArrowRows(self.dataset.select(indices, new_fingerprint=key), key, self.cache)
+
+    def label_names(self, column: str) -> set[str]:
+        return {text for text in self._texts(column).values() if text is not None}
+
+    def label_ids(self, column: str, index: Mapping[str, int]) -> ArrowIds:
+        import pyarrow as pa
+        from datasets import Features, Value
+
+        ids = {value: index[text] for value, text in self._texts(column).items()}
+        key = fingerprint(self.fingerprint, "label ids", column, sorted(ids.items(), key=repr))
+        encoded = cached_map(
+            self.dataset.select_columns([column]).with_format("arrow"),
+            _encode_labels,
+            folder=self.cache / "labels",
+            key=key,
+            input_columns=[column],
+            remove_columns=[column],
+            features=Features({"labels": Value("int64")}),
+            fn_kwargs={"values": pa.array(list(ids)), "ids": np.array(list(ids.values()), dtype=np.int64)},
+            desc="class ids",
+        )
+        return ArrowIds(encoded)
+
+    def _texts(self, column: str) -> dict[Any, str | None]:
+        """Each distinct raw value of ``column`` and its label text."""
+        import pyarrow.compute as pc
+
+        values: set[Any] = set()
+        for chunk in self._scan(column):
+            values.update(pc.unique(chunk).to_pylist())
+        names = self._class_names(column)
+        if names is not None:
+            return {v: None if v is None or v < 0 else names[v] for v in values}
+        return {v: None if v is None else str(v) for v in values}
+
+    def _class_names(self, column: str) -> list[str] | None:
+        from datasets import ClassLabel
+
+        feature = self.dataset.features.get(column)
+        return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+    def _scan(self, column: str) -> Iterator[pa.ChunkedArray]:
+        table = self.dataset.select_columns([column]).with_format("arrow")
+        for batch in table.iter(batch_size=BATCH):
+            yield batch[column]
+
+
+class ArrowIds:
+    """Class ids in one memory-mapped int64 column (``labels``), gathered a batch at a time."""
+
+    def __init__(self, dataset: datasets.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def take(self, rows: Sequence[int]) -> np.ndarray:
+        return self.dataset.data.fast_gather(np.asarray(rows)).column("labels").to_numpy()
+
+
+def _encode_labels(column: pa.ChunkedArray, values: pa.Array, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Batched ``map`` step: each row's class id, found by the position of its raw label in ``values``."""
+    import pyarrow.compute as pc
+
+    return {"labels": ids[pc.index_in(column, value_set=values).to_numpy(zero_copy_only=False)]}
