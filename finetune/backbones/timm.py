@@ -97,7 +97,11 @@ class TimmLoader:
             interpolation=config["interpolation"],
             crop_pct=config["crop_pct"],
             crop_mode=config.get("crop_mode", "center"),
-            fixed_size=bool(model.pretrained_cfg.get("fixed_input_size", False)),
+            # A ViT built with dynamic_img_size takes any size its pretrained_cfg may call fixed.
+            fixed_size=bool(
+                model.pretrained_cfg.get("fixed_input_size", False)
+                and not getattr(model, "dynamic_img_size", False)
+            ),
         )
 
     def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
