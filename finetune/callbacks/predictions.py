@@ -6,6 +6,8 @@ import logging
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
@@ -14,13 +16,17 @@ from finetune import runs
 
 log = logging.getLogger(__name__)
 
+CHUNK = 50_000  # rows written at a time
+
 
 class PredictionWriter(BasePredictionWriter):
     """Writes the predicted label and class probabilities per row.
 
-    Needs ``predict_step`` outputs ``{"index", "probabilities"}`` and the datamodule's ``predict_table()``;
-    the module's ``labels`` name the columns. Under DDP every rank predicts a share: the shares are
-    gathered and rank 0 writes one file, each row once.
+    Needs ``predict_step`` outputs ``{"index", "probabilities"}`` and the datamodule's ``predict_table()``
+    (a pandas DataFrame or a ``datasets.Dataset``: its row ``i`` is the row with ``index`` ``i``); the
+    module's ``labels`` name the columns. The file is written ``CHUNK`` rows at a time, so a large predict
+    split never sits in memory as a table. Under DDP every rank predicts a share: the shares are gathered
+    and rank 0 writes one file, each row once.
     """
 
     def __init__(self, filename: str = runs.PREDICTIONS) -> None:
@@ -39,15 +45,25 @@ class PredictionWriter(BasePredictionWriter):
             return
         index, first = _first_occurrences(index.cpu())
         probabilities = probabilities.cpu()[first]
-        table = trainer.datamodule.predict_table().iloc[index.numpy()].reset_index(drop=True)
+        table = trainer.datamodule.predict_table()
         labels = list(pl_module.labels)
-        table["prediction"] = [labels[i] for i in probabilities.argmax(-1).tolist()]
-        for i, label in enumerate(labels):
-            table[f"p_{label}"] = probabilities[:, i].numpy()
         path = runs.run_dir(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(path, index=False)
-        log.info("Wrote %d predictions to %s", len(table), path)
+        for start in range(0, max(len(index), 1), CHUNK):
+            rows = _rows(table, index[start : start + CHUNK].numpy())
+            shares = probabilities[start : start + CHUNK]
+            rows["prediction"] = [labels[i] for i in shares.argmax(-1).tolist()]
+            for i, label in enumerate(labels):
+                rows[f"p_{label}"] = shares[:, i].numpy()
+            rows.to_csv(path, index=False, mode="a" if start else "w", header=not start)
+        log.info("Wrote %d predictions to %s", len(index), path)
+
+
+def _rows(table: Any, index: np.ndarray) -> pd.DataFrame:
+    """The rows at ``index`` of a DataFrame or a ``datasets.Dataset``, as a new DataFrame."""
+    if isinstance(table, pd.DataFrame):
+        return table.iloc[index].reset_index(drop=True)
+    return table.select(index).to_pandas()
 
 
 def _gather(

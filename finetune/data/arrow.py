@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 
@@ -51,19 +51,34 @@ def file_fingerprint(path: Path, encoding: str) -> str:
     return fingerprint(str(path.resolve()), stat.st_size, stat.st_mtime_ns, encoding)
 
 
-def read_arrow(paths: list[Path], key: str, encoding: str, cache: Path) -> tuple[datasets.Dataset, str]:
+class Chunks(Protocol):
+    """A file's rows as DataFrames, one pass per iteration (``TableChunks`` is one); ``replaced`` counts
+    the bytes that were not UTF-8, once iterated."""
+
+    replaced: int
+
+    def __iter__(self) -> Iterator[pd.DataFrame]: ...
+
+
+def read_arrow(
+    paths: list[Path],
+    key: str,
+    encoding: str,
+    cache: Path,
+    reader: Callable[..., Chunks] = TableChunks,
+) -> tuple[datasets.Dataset, str]:
     """The rows of ``paths`` (one table, or shards read in order) as one memory-mapped ``datasets.Dataset``,
-    and its fingerprint. Each file is converted on first use; bytes that are not UTF-8 are replaced and the
-    warning is repeated on every read of a cached conversion."""
+    and its fingerprint. ``reader(path, key, encoding, dtype=...)`` reads a file; each file is converted on
+    first use, and the warning about bytes that are not UTF-8 is repeated on every read of a conversion."""
     import datasets
 
     parts, prints = [], []
     for path in paths:
-        name = file_fingerprint(path, encoding)
+        name = fingerprint(file_fingerprint(path, encoding), reader.__name__)
         target = cache / "tables" / f"{name}.arrow"
         record = target.with_suffix(".json")
         if not (target.is_file() and record.is_file()):
-            facts = _convert(path, key, encoding, target)
+            facts = _convert(reader, path, key, encoding, target)
             _write_atomically(record, json.dumps(facts).encode())
         warn_replaced(path.name, json.loads(record.read_text())["replaced"])
         parts.append(datasets.Dataset.from_file(str(target)))
@@ -73,7 +88,9 @@ def read_arrow(paths: list[Path], key: str, encoding: str, cache: Path) -> tuple
     try:
         joined = datasets.concatenate_datasets(parts)
     except ValueError as error:
-        raise RecipeError(key, f"the shards of {paths[0].parent} have different columns or types ({error})") from None
+        raise RecipeError(
+            key, f"the shards of {paths[0].parent} have different columns or types ({error})"
+        ) from None
     return joined, fingerprint(prints)
 
 
@@ -110,7 +127,9 @@ class _TypeConflict(Exception):
         self.column = column
 
 
-def _convert(path: Path, key: str, encoding: str, target: Path) -> dict[str, int]:
+def _convert(
+    reader: Callable[..., Chunks], path: Path, key: str, encoding: str, target: Path
+) -> dict[str, int]:
     """Write ``path``'s rows to ``target`` (Arrow IPC stream); return the row and replaced-byte counts.
 
     Each column gets the type pandas infers for the first chunk; a column that a later chunk cannot be
@@ -118,7 +137,7 @@ def _convert(path: Path, key: str, encoding: str, target: Path) -> dict[str, int
     """
     as_text: dict[str, Any] = {}
     while True:
-        chunks = TableChunks(path, key, encoding, dtype=as_text)
+        chunks = reader(path, key, encoding, dtype=as_text)
         try:
             rows = _write_chunks(chunks, target)
         except _TypeConflict as conflict:
@@ -127,7 +146,9 @@ def _convert(path: Path, key: str, encoding: str, target: Path) -> dict[str, int
             as_text[conflict.column] = str
             continue
         if rows == 0:
-            raise RecipeError(key, f"{path.name} has no rows; give a table with a header and at least one row")
+            raise RecipeError(
+                key, f"{path.name} has no rows; give a table with a header and at least one row"
+            )
         return {"rows": rows, "replaced": chunks.replaced}
 
 

@@ -1,161 +1,75 @@
 """Instruction-tuning data for causal LMs: JSONL conversations tokenised with the loss on responses only.
 
-Each JSONL line is ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role", "content"}, ...]}``
-(roles ``system``, ``user``, ``assistant``). Conversations are rendered with the tokenizer's chat template
-when it has one, else with the plain template::
-
-    ### System:\\n{content}\\n\\n        (system turns)
-    ### Instruction:\\n{content}\\n\\n   (user turns)
-    ### Response:\\n{content}<eos>\\n\\n (assistant turns; "### Response:\\n" is the generation prompt)
-
-Labels are the input ids with every token outside an assistant reply set to -100 (prompts, template
-text, padding), so the loss covers responses only.
+Conversations are converted once into memory-mapped Arrow (``finetune.data.arrow``), split, tokenised and
+packed by cached ``Dataset.map`` steps (``finetune.data.conversations``): a second run with the same data and
+tokenizer starts without tokenising, and no step holds a Python object per conversation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from finetune.backbones.base import Backbone
+from finetune.data.arrow import cache_folder, cached_map, fingerprint, read_arrow
+from finetune.data.conversations import (
+    IGNORE,
+    ConversationChunks,
+    pack_batch,
+    pack_plan,
+    segments,
+    tokenize,
+    tokenize_batch,
+)
 from finetune.data.loaders import LoaderDataModule
+from finetune.data.rows import ArrowRows
 from finetune.data.splits import check_hold_out, hold_out
+from finetune.data.tokens import Padding, gather
 from finetune.errors import RecipeError, require
 from finetune.paths import resolve_path
 
+if TYPE_CHECKING:
+    import datasets
+
+__all__ = ["IGNORE", "InstructionData", "TokenRows", "segments", "tokenize"]
+
 logger = logging.getLogger(__name__)
-
-IGNORE = -100
-PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
-Segment = tuple[str, bool]  # (text, is part of a response)
-
-
-def read_conversations(path: Path, key: str) -> list[list[dict[str, str]]]:
-    """The conversations in a JSONL file, each a list of ``{"role", "content"}`` ending in an assistant turn."""
-    conversations = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RecipeError(key, f"{path.name} line {number} is not JSON ({error.msg})") from None
-        if isinstance(row, dict) and "messages" in row:
-            messages = [{"role": m["role"], "content": str(m["content"])} for m in row["messages"]]
-        elif isinstance(row, dict) and "prompt" in row and "response" in row:
-            messages = [
-                {"role": "user", "content": str(row["prompt"])},
-                {"role": "assistant", "content": str(row["response"])},
-            ]
-        else:
-            raise RecipeError(key, f"{path.name} line {number} needs 'prompt' and 'response', or 'messages'")
-        if not messages or messages[-1]["role"] != "assistant":
-            raise RecipeError(key, f"{path.name} line {number} must end with an assistant message")
-        conversations.append(messages)
-    if not conversations:
-        raise RecipeError(key, f"{path.name} has no conversations")
-    return conversations
-
-
-def segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[Segment]:
-    """``messages`` as consecutive texts, each marked as response or not (chat template if the tokenizer has one)."""
-    if getattr(tokenizer, "chat_template", None):
-        return _chat_segments(tokenizer, messages)
-    eos = tokenizer.eos_token or ""
-    parts: list[Segment] = []
-    for message in messages:
-        header = PLAIN_HEADERS.get(message["role"], f"### {message['role'].title()}:\n")
-        if message["role"] == "assistant":
-            parts += [(header, False), (message["content"] + eos, True), ("\n\n", False)]
-        else:
-            parts.append((f"{header}{message['content']}\n\n", False))
-    return parts
-
-
-def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[Segment]:
-    """Split the rendered chat at each assistant reply: the text a template adds before a reply (with the
-    generation prompt) is prompt, the rest of that turn is response."""
-    parts: list[Segment] = []
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (before.startswith(done) and through.startswith(before)):
-            raise RecipeError("data.train", "the tokenizer's chat template does not render turns as prefixes")
-        parts += [(before[len(done) :], False), (through[len(before) :], True)]
-        done = through
-    return parts
-
-
-def tokenize(tokenizer: Any, parts: list[Segment], max_length: int) -> dict[str, list[int]]:
-    """Token ids and labels (-100 outside responses), truncated to ``max_length``."""
-    bos = tokenizer.bos_token_id
-    text = "".join(t for t, _ in parts)
-    # A plain template adds BOS itself; a chat template writes it into the text.
-    written = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
-    ids = [bos] if bos is not None and not written else []
-    labels = [IGNORE] * len(ids)
-    for piece, is_response in parts:
-        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-        ids += piece_ids
-        labels += piece_ids if is_response else [IGNORE] * len(piece_ids)
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
-
-
-def pack(examples: list[dict[str, list[int]]], length: int) -> list[dict[str, list[int]]]:
-    """Concatenate examples and cut them into rows of ``length`` tokens (the last row may be shorter).
-
-    Packed examples attend to the ones before them in the same row; their labels keep the response mask.
-    """
-    ids = [t for e in examples for t in e["input_ids"]]
-    labels = [t for e in examples for t in e["labels"]]
-    return [
-        {"input_ids": ids[i : i + length], "labels": labels[i : i + length]}
-        for i in range(0, len(ids), length)
-    ]
 
 
 class TokenRows(torch.utils.data.Dataset):
-    """Tokenised rows; ``collate`` right-pads a batch (padding: id ``pad_id``, label -100, mask 0)."""
+    """Tokenised rows in a memory-mapped Arrow file; ``collate`` right-pads a batch (padding: id ``pad_id``,
+    label -100, mask 0). Pickles as the file's path."""
 
-    def __init__(self, rows: list[dict[str, list[int]]], pad_id: int) -> None:
-        self.rows = rows
-        self.pad_id = pad_id
+    def __init__(self, tokens: datasets.Dataset, pad_id: int) -> None:
+        self.tokens = tokens
+        self.padding = Padding(pad_id, fills={"labels": IGNORE}, side="right")
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.tokens)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.rows[index]
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, list[int]]]:
+        return gather(self.tokens, indices)
 
     def collate(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(item["input_ids"]) for item in items)
-        batch = {
-            name: torch.full((len(items), width), fill)
-            for name, fill in (("input_ids", self.pad_id), ("labels", IGNORE), ("attention_mask", 0))
-        }
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
-            batch["input_ids"][row, :n] = torch.tensor(item["input_ids"])
-            batch["labels"][row, :n] = torch.tensor(item["labels"])
-            batch["attention_mask"][row, :n] = 1
-        return batch
+        return self.padding(items)
 
 
 class InstructionData(LoaderDataModule):
     """Prompt/response (or chat ``messages``) JSONL files for supervised fine-tuning of a causal LM.
 
     Batches hold ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on response tokens).
-    ``sample_prompts(n)`` gives validation prompts for sample generations.
+    ``sample_prompts(n)`` gives validation prompts for sample generations. Conversations and their tokens
+    live in memory-mapped Arrow files in ``cache_dir``, written once per data file and tokenizer.
     """
 
     def __init__(
@@ -169,7 +83,9 @@ class InstructionData(LoaderDataModule):
         seed: int = 42,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
         backbone: str | Backbone | None = None,
     ) -> None:
         """
@@ -183,7 +99,11 @@ class InstructionData(LoaderDataModule):
             seed: seed for ``limit``, the held-out split and the shuffling order.
             batch_size: training batch size.
             eval_batch_size: validation batch size; default ``batch_size``.
-            num_workers: data loading worker processes.
+            num_workers: data loading worker processes; default: 0 for fewer than 10,000 rows, else
+                min(4, CPUs per process - 1).
+            num_proc: processes tokenising each split (default: this one).
+            cache_dir: folder for the converted conversations and their tokens; default:
+                ``$HF_DATASETS_CACHE/finetune``.
             backbone: the model's backbone (for its tokenizer); set from ``model.backbone``.
         """
         super().__init__(
@@ -195,57 +115,105 @@ class InstructionData(LoaderDataModule):
         )
         check_hold_out({"val": val_fraction}, limit)
         require(max_length > 1, "data.max_length", f"must be 2 or more, got {max_length}")
+        require(num_proc is None or num_proc > 0, "data.num_proc", f"must be 1 or more, got {num_proc}")
         self.sources = {"train": train, "val": val}
         self.val_fraction = val_fraction
         self.limit = limit
         self.max_length = max_length
         self.packing = packing
+        self.num_proc = num_proc
+        self.cache_dir = cache_dir
+
+    @cached_property
+    def cache(self) -> Path:
+        return cache_folder(self.cache_dir)
 
     @cached_property
     def tokenizer(self) -> Any:
         return self.backbone_spec().tokenizer()
 
     @cached_property
-    def conversations(self) -> dict[str, list[list[dict[str, str]]]]:
+    def _tokenizer_print(self) -> str:
+        return fingerprint(self.tokenizer)
+
+    @cached_property
+    def _splits(self) -> dict[str, ArrowRows]:
         """The train and val conversations after ``limit`` and the held-out split."""
         if self.sources["train"] is None:
             raise RecipeError("data.train", "no training data; set data.train to a JSONL file")
-        train = read_conversations(resolve_path(self.sources["train"], "data.train"), "data.train")
+        train = self._read("train")
         given_val = self.sources["val"] is not None
         picked = hold_out(len(train), {} if given_val else {"val": self.val_fraction}, self.seed, self.limit)
-        if given_val:
-            val = read_conversations(resolve_path(self.sources["val"], "data.val"), "data.val")
-        else:
-            val = [train[i] for i in picked.get("val", ())]
-        train = [train[i] for i in picked["train"]]
+        val = self._read("val") if given_val else train.take(picked.get("val", np.zeros(0, np.int64)))
+        train = train.take(picked["train"])
         logger.info("conversations: train %d, val %d", len(train), len(val))
         return {"train": train, "val": val}
 
-    def _rows(self, split: str) -> list[dict[str, list[int]]]:
-        rows = [
-            tokenize(self.tokenizer, segments(self.tokenizer, messages), self.max_length)
-            for messages in self.conversations[split]
-        ]
-        kept = [row for row in rows if any(label != IGNORE for label in row["labels"])]
-        if len(kept) < len(rows):
+    def _read(self, split: str) -> ArrowRows:
+        key = f"data.{split}"
+        path = resolve_path(self.sources[split], key)
+        rows, print_ = read_arrow([path], key, "auto", self.cache, reader=ConversationChunks)
+        return ArrowRows(rows, print_, self.cache)
+
+    @property
+    def conversations(self) -> dict[str, datasets.Dataset]:
+        """The train and val conversations (a ``messages`` column), memory-mapped."""
+        return {split: rows.rows for split, rows in self._splits.items()}
+
+    def _tokens(self, split: str) -> datasets.Dataset:
+        rows = self._splits[split]
+        key = fingerprint(rows.fingerprint, self._tokenizer_print, self.max_length, "sft tokens")
+        tokens = cached_map(
+            rows.rows,
+            tokenize_batch,
+            folder=self.cache / "tokens",
+            key=key,
+            num_proc=self.num_proc,
+            input_columns=["messages"],
+            remove_columns=rows.columns(),
+            features=_token_features(),
+            fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.max_length},
+            desc=f"tokenizing {split}",
+        )
+        if len(tokens) < len(rows):
             logger.warning(
                 "%d %s conversations have no response left within max_length %d and are skipped",
-                len(rows) - len(kept),
+                len(rows) - len(tokens),
                 split,
                 self.max_length,
             )
-        return pack(kept, self.max_length) if self.packing and split == "train" else kept
+        if self.packing and split == "train":
+            return self._pack(tokens, key)
+        return tokens
+
+    def _pack(self, tokens: datasets.Dataset, key: str) -> datasets.Dataset:
+        import datasets
+
+        ends, count = pack_plan(tokens, self.max_length)
+        return cached_map(
+            datasets.Dataset.from_dict({"row": np.arange(count)}),
+            pack_batch,
+            folder=self.cache / "packed",
+            key=fingerprint(key, "packed", self.max_length),
+            num_proc=self.num_proc,
+            input_columns=["row"],
+            remove_columns=["row"],
+            features=_token_features(),
+            fn_kwargs={"tokens": tokens, "ends": ends, "length": self.max_length},
+            desc="packing train",
+        )
 
     @cached_property
     def datasets(self) -> dict[str, TokenRows]:
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
-        return {split: TokenRows(self._rows(split), pad) for split in ("train", "val")}
+        return {split: TokenRows(self._tokens(split).with_format(None), pad) for split in ("train", "val")}
 
     def sample_prompts(self, n: int) -> list[dict[str, Any]]:
         """The first ``n`` validation conversations up to their last reply: prompt text and ids, and the reference."""
+        val = self.conversations["val"]
         samples = []
-        for messages in self.conversations["val"][:n]:
+        for messages in val.select(range(min(n, len(val))))["messages"]:
             parts = segments(self.tokenizer, messages)
             prompt_parts = parts[: max(i for i, (_, response) in enumerate(parts) if response)]
             ids = tokenize(self.tokenizer, prompt_parts, self.max_length)["input_ids"]
@@ -262,3 +230,9 @@ class InstructionData(LoaderDataModule):
         # An empty list tells Lightning there is no validation.
         dataset = self.datasets["val"]
         return self.eval_loader(dataset) if len(dataset) else []
+
+
+def _token_features() -> Any:
+    from datasets import Features, List, Value
+
+    return Features({"input_ids": List(Value("int32")), "labels": List(Value("int32"))})

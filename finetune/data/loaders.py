@@ -3,13 +3,14 @@ base data module that holds the loader settings (seed, batch sizes, workers, bac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from finetune.backbones.base import Backbone
 from finetune.errors import RecipeError, require
@@ -37,10 +38,33 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size
 
 
+# Below this many rows a split loads in the main process: its rows are ready-made (tokenised) or few, and
+# starting workers would cost more than they save.
+SMALL_SPLIT = 10_000
+
+
+def default_workers(processes: int = 1) -> int:
+    """Loader workers per process: the CPUs this process may use, shared among the ``processes`` on this
+    machine, less one for the process itself; at most 4 (tokenised rows need few)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus // max(1, processes) - 1))
+
+
 def make_loader(
-    dataset: Any, batch_size: int, num_workers: int, seed: int, sampler: Sampler[int] | None = None
+    dataset: Any,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    sampler: Sampler[int] | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """The DataLoader every finetune data module uses; ``dataset.collate`` makes its batches."""
+    """The DataLoader every finetune data module uses; ``dataset.collate`` makes its batches.
+
+    Workers persist across epochs; ``pin_memory`` speeds up copies to a CUDA device.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -48,6 +72,7 @@ def make_loader(
         collate_fn=dataset.collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
         # Its own generator: creating an iterator then draws no number from the global RNG, so a
         # resumed run (which creates them at other moments) keeps the same dropout masks.
         generator=torch.Generator().manual_seed(seed),
@@ -67,7 +92,7 @@ class LoaderDataModule(pl.LightningDataModule):
         seed: int = 42,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
     ) -> None:
         """
         Args:
@@ -75,7 +100,8 @@ class LoaderDataModule(pl.LightningDataModule):
             seed: seed for ``limit``, the held-out splits and the shuffling order.
             batch_size: training batch size.
             eval_batch_size: batch size for validation, test and predict; default: ``batch_size``.
-            num_workers: data loading worker processes; 0 loads in the main process.
+            num_workers: data loading worker processes; 0 loads in the main process. Default: 0 for a
+                split of fewer than 10,000 rows, else min(4, CPUs per process - 1).
         """
         super().__init__()
         require(seed >= 0, "data.seed", f"must be 0 or more, got {seed}")
@@ -85,7 +111,11 @@ class LoaderDataModule(pl.LightningDataModule):
             "data.eval_batch_size",
             f"must be 1 or more, got {eval_batch_size}",
         )
-        require(num_workers >= 0, "data.num_workers", f"must be 0 or more, got {num_workers}")
+        require(
+            num_workers is None or num_workers >= 0,
+            "data.num_workers",
+            f"must be 0 or more, got {num_workers}",
+        )
         self.backbone = backbone
         self.seed = seed
         self.batch_size = batch_size
@@ -101,15 +131,27 @@ class LoaderDataModule(pl.LightningDataModule):
         return Backbone.of(self.backbone)
 
     def train_loader(self, dataset: Any) -> DataLoader:
-        """Training batches of ``batch_size``, shuffled by ``(seed, epoch)``."""
-        return make_loader(
-            dataset,
-            self.batch_size,
-            self.num_workers,
-            self.seed,
-            EpochShuffleSampler(len(dataset), self.seed),
+        """Training batches of ``batch_size``, shuffled by ``(seed, epoch)`` (a stream shuffles itself)."""
+        sampler = (
+            None if isinstance(dataset, IterableDataset) else EpochShuffleSampler(len(dataset), self.seed)
         )
+        return self._loader(dataset, self.batch_size, sampler)
 
     def eval_loader(self, dataset: Any) -> DataLoader:
         """Validation, test or predict batches of ``eval_batch_size``, in row order."""
-        return make_loader(dataset, self.eval_batch_size, self.num_workers, self.seed)
+        return self._loader(dataset, self.eval_batch_size, None)
+
+    def workers(self, dataset: Any) -> int:
+        """``num_workers``, or by default none for a split under ``SMALL_SPLIT`` rows and otherwise
+        ``default_workers`` for the processes this trainer runs on each machine."""
+        if self.num_workers is not None:
+            return self.num_workers
+        if isinstance(dataset, Sized) and len(dataset) < SMALL_SPLIT:
+            return 0
+        trainer = self.trainer
+        return default_workers(1 if trainer is None else trainer.num_devices)
+
+    def _loader(self, dataset: Any, batch_size: int, sampler: Sampler[int] | None) -> DataLoader:
+        trainer = self.trainer
+        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return make_loader(dataset, batch_size, self.workers(dataset), self.seed, sampler, pin)

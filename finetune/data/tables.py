@@ -248,3 +248,17 @@ def decode_replacing(data: bytes, final: bool = True) -> tuple[str, int, int]:
             parts.append("\ufffd")
             bad += error.end - error.start
             position += error.end
+
+
+def table_files(path: Path, key: str) -> list[Path]:
+    """``path`` itself, or the table files in folder ``path`` in name order (shards of one table)."""
+    if not path.is_dir():
+        check_format(path, key)
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+    if not files:
+        raise RecipeError(
+            key,
+            f"{path} is a folder without table files; give a table file ({', '.join(FORMATS)}) or a folder of them",
+        )
+    return files

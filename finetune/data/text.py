@@ -1,43 +1,77 @@
-"""Text classification data: table files or a Hugging Face ``datasets`` dataset, tokenised for the backbone."""
+"""Text classification data: table files or a Hugging Face ``datasets`` dataset, tokenised for the backbone.
+
+Rows live in memory-mapped Arrow files (``finetune.data.arrow``): a table file is converted once, each split's
+tokens are written once by a cached ``Dataset.map``, and batches gather their rows from those files. Nothing
+holds a Python object per row, so memory does not grow with the corpus. With ``streaming: true`` the train
+split is read from its files as it trains instead (``finetune.data.streaming``).
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
+from typing_extensions import override
 
+from finetune.batch import INDEX, LABELS
+from finetune.data.arrow import cache_folder, cached_map, fingerprint, read_arrow
 from finetune.data.classification import ClassificationData, NamedTable, RowDataset
+from finetune.data.labels import sorted_labels
+from finetune.data.rows import ArrowRows, LabelIds
+from finetune.data.streaming import StreamPosition, TableStream, check_streaming, first_columns, stream_labels
+from finetune.data.tables import table_files
+from finetune.data.tokens import Padding, gather
 from finetune.errors import RecipeError, first_line, require
 from finetune.paths import is_local_path, resolve_path
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
 # Our split names -> the split names Hugging Face datasets use.
 DATASET_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+# Stored token columns are narrow (ids fit int32, segment ids int8); batches are int64 as models expect.
+TOKEN_TYPES = {"input_ids": "int32", "token_type_ids": "int8"}
 
 
 class TokenizedDataset(RowDataset):
-    """Rows tokenised up front; batches are padded to their longest row (dynamic padding)."""
+    """Tokenised rows in a memory-mapped Arrow file; batches are padded to their longest row (dynamic
+    padding). Pickles as the file's path (cheap to send to worker processes, spawned or forked)."""
 
-    def __init__(self, encodings: dict[str, list[Any]], tokenizer: Any, label_ids: list[int] | None) -> None:
-        from transformers import DataCollatorWithPadding
-
-        super().__init__(len(next(iter(encodings.values()))), label_ids)
-        self.encodings = encodings
-        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    def __init__(self, tokens: datasets.Dataset, padding: Padding, label_ids: LabelIds | None) -> None:
+        super().__init__(len(tokens), label_ids)
+        self.tokens = tokens
+        self.padding = padding
 
     def inputs(self, row: int) -> dict[str, Any]:
-        return {name: values[row] for name, values in self.encodings.items()}
+        return self.inputs_of([row])[0]
+
+    def inputs_of(self, rows: list[int]) -> list[dict[str, Any]]:
+        return gather(self.tokens, rows)
 
     def collate_inputs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return dict(self.pad(items))
+        return self.padding(items)
 
 
 class TextClassificationData(ClassificationData):
-    """Classify texts (or text pairs) from table columns."""
+    """Classify texts (or text pairs) from table columns.
+
+    Table files (CSV, TSV, JSON lines, Parquet; a folder of them is read as shards in name order) are
+    converted once into memory-mapped Arrow files in ``cache_dir``, and each split is tokenised once by a
+    cached ``datasets`` map keyed by the rows, the tokenizer and the settings: a second run with the same
+    data and tokenizer starts without tokenising.
+
+    With ``streaming: true`` the train split is not converted: its files are read while training, through
+    a seeded shuffling buffer, each process and loader worker taking its own rows, and a checkpoint records
+    the position in the stream so a resumed run continues there. A stream has no length, so
+    ``trainer.max_steps`` is required (``max_epochs`` alone is refused); ``val`` and ``test`` come from their
+    own files (``val_fraction``/``test_fraction``/``limit`` cannot sample a stream).
+    """
 
     def __init__(
         self,
@@ -46,6 +80,10 @@ class TextClassificationData(ClassificationData):
         max_length: int = 128,
         dataset: str | None = None,
         dataset_config: str | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 10_000,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -56,14 +94,32 @@ class TextClassificationData(ClassificationData):
             dataset: a Hugging Face ``datasets`` name or local dataset folder; its train/validation/test
                 splits are used for the splits not given as files.
             dataset_config: the dataset's configuration (subset) name, if it has several.
+            streaming: read the train files while training instead of converting them (for corpora too
+                large to convert); needs ``trainer.max_steps``.
+            shuffle_buffer: with ``streaming``, rows held in the seeded shuffling buffer (more: a better
+                shuffle, more memory).
+            num_proc: processes tokenising each split (default: this one; fast tokenizers also use threads).
+            cache_dir: folder for the converted tables and tokenised splits; default:
+                ``$HF_DATASETS_CACHE/finetune``. Entries are never invalidated in place: a changed file or
+                setting writes new ones.
         """
         super().__init__(**kwargs)
         require(max_length > 0, "data.max_length", f"must be 1 or more, got {max_length}")
+        require(shuffle_buffer > 0, "data.shuffle_buffer", f"must be 1 or more, got {shuffle_buffer}")
+        require(num_proc is None or num_proc > 0, "data.num_proc", f"must be 1 or more, got {num_proc}")
+        if streaming:
+            fractions = {"val": self.val_fraction, "test": self.test_fraction}
+            check_streaming(self.sources, dataset, fractions, self.limit)
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.max_length = max_length
         self.dataset = dataset
         self.dataset_config = dataset_config
+        self.streaming = streaming
+        self.shuffle_buffer = shuffle_buffer
+        self.num_proc = num_proc
+        self.cache_dir = cache_dir
+        self._stream_position = StreamPosition()
 
     def input_columns(self) -> dict[str, str]:
         columns = {"data.text_column": self.text_column}
@@ -71,13 +127,31 @@ class TextClassificationData(ClassificationData):
             columns["data.text_pair_column"] = self.text_pair_column
         return columns
 
+    @cached_property
+    def cache(self) -> Path:
+        return cache_folder(self.cache_dir)
+
+    # --- reading ---------------------------------------------------------------------------------------
+
+    @override
+    def read_path(self, path: Path, key: str) -> NamedTable:
+        files = table_files(path, key)
+        dataset, print_ = read_arrow(files, key, self.encoding, self.cache)
+        return NamedTable(ArrowRows(dataset, print_, self.cache), path.name)
+
+    @override
     def read_split(self, split: str) -> NamedTable | None:
+        if self.streaming and split == "train":
+            return None  # read as a stream by split_dataset
         if self.sources[split] is not None or self.dataset is None or split not in DATASET_SPLITS:
             return super().read_split(split)
         name = DATASET_SPLITS[split]
         if name not in self._hf_dataset:
             return None
-        return NamedTable(_to_frame(self._hf_dataset[name], self.label_column), f"{self.dataset}[{name}]")
+        part = self._hf_dataset[name]
+        files = [(f["filename"], Path(f["filename"]).stat().st_mtime_ns) for f in part.cache_files]
+        print_ = fingerprint(self.dataset, self.dataset_config, name, files or part.to_dict())
+        return NamedTable(ArrowRows(part, print_, self.cache), f"{self.dataset}[{name}]")
 
     @cached_property
     def _hf_dataset(self) -> Any:
@@ -96,31 +170,178 @@ class TextClassificationData(ClassificationData):
         logger.info("loaded dataset %s with splits %s", name, ", ".join(loaded))
         return loaded
 
+    # --- tokenising ------------------------------------------------------------------------------------
+
     @cached_property
     def tokenizer(self) -> Any:
         return self.backbone_spec().tokenizer()
 
-    def make_dataset(self, rows: pd.DataFrame, split: str, label_ids: list[int] | None) -> TokenizedDataset:
-        texts = _strings(rows[self.text_column])
-        pairs = None if self.text_pair_column is None else _strings(rows[self.text_pair_column])
+    @cached_property
+    def _tokenizer_print(self) -> str:
+        # Hashed as loaded: datasets' Hasher ignores the truncation state a call leaves behind.
+        return fingerprint(self.tokenizer)
+
+    def _truncation(self) -> int:
         # Never truncate beyond what the model accepts; tokenizers without a limit report a huge number.
-        length = min(self.max_length, self.tokenizer.model_max_length)
-        encodings = self.tokenizer(texts, pairs, truncation=True, max_length=length)
-        return TokenizedDataset(dict(encodings), self.tokenizer, label_ids)
+        return min(self.max_length, self.tokenizer.model_max_length)
+
+    @override
+    def make_dataset(self, rows: Any, split: str, label_ids: LabelIds | None) -> TokenizedDataset:
+        split_rows = self.split_rows(split)
+        columns = [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
+        key = fingerprint(split_rows.fingerprint, self._tokenizer_print, columns, self._truncation())
+        tokens = cached_map(
+            rows,
+            _encode,
+            folder=self.cache / "tokens",
+            key=key,
+            num_proc=self.num_proc,
+            input_columns=columns,
+            remove_columns=rows.column_names,
+            features=self._token_features(),
+            fn_kwargs={"tokenizer": self.tokenizer, "max_length": self._truncation()},
+            desc=f"tokenizing {split}",
+        )
+        return TokenizedDataset(tokens.with_format(None), Padding.of(self.tokenizer), label_ids)
+
+    def _token_features(self) -> Any:
+        from datasets import Features, List, Value
+
+        pair = "x" if self.text_pair_column is not None else None
+        names = [name for name in self.tokenizer("x", pair) if name != "attention_mask"]
+        return Features({name: List(Value(TOKEN_TYPES.get(name, "int32"))) for name in names})
+
+    # --- streaming -------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.streaming and stage == "fit" and self.trainer is not None:
+            require(
+                self.trainer.max_steps is not None and self.trainer.max_steps > 0,
+                "trainer.max_steps",
+                "streaming data (data.streaming: true) has no length; set trainer.max_steps "
+                "(trainer.max_epochs alone cannot end or schedule the run)",
+            )
+        super().setup(stage)
+
+    @override
+    def _resolve_labels(self) -> list[str]:
+        if not self.streaming or self.given_labels is not None:
+            return super()._resolve_labels()
+        logger.info("reading the train labels from the stream (one pass); set data.labels to skip it")
+        found = stream_labels(self._train_files(), "data.train", self.encoding, self.label_column)
+        return self._checked_labels(sorted_labels(found))
+
+    def _train_files(self) -> list[Path]:
+        return table_files(resolve_path(self.sources["train"], "data.train"), "data.train")
+
+    @override
+    def split_dataset(self, split: str) -> RowDataset | TableStream:
+        """As for every split; with ``streaming``, a new ``TableStream`` of the train files that starts
+        where the last training batch left off (a restored checkpoint's position)."""
+        if not (self.streaming and split == "train"):
+            return super().split_dataset(split)
+        files = self._train_files()
+        columns = first_columns(files, "data.train", self.encoding)
+        needed = [*self.input_columns().values(), self.label_column]
+        for key, column in {**self.input_columns(), "data.label_column": self.label_column}.items():
+            require(
+                column in columns,
+                key,
+                f"column {column!r} not in {files[0].name}; columns are: {', '.join(columns)}",
+            )
+        trainer = self.trainer
+        epoch = 0 if trainer is None else trainer.current_epoch
+        position = self._stream_position
+        return TableStream(
+            files,
+            "data.train",
+            self.encoding,
+            needed,
+            StreamBatches(
+                self.tokenizer,
+                Padding.of(self.tokenizer),
+                self.text_column,
+                self.text_pair_column,
+                self.label_column,
+                {label: i for i, label in enumerate(self.labels)},
+                self._truncation(),
+            ),
+            seed=self.seed,
+            buffer=self.shuffle_buffer,
+            batch_size=self.batch_size,
+            rank=0 if trainer is None else trainer.global_rank,
+            world_size=1 if trainer is None else trainer.world_size,
+            start=StreamPosition(epoch, position.batches if position.epoch == epoch else 0),
+        )
+
+    @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches taken in this epoch: the stream position a checkpoint records."""
+        trainer = self.trainer
+        if self.streaming and trainer is not None and trainer.training:
+            self._stream_position = self._stream_position.advanced(trainer.current_epoch)
+        return batch
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.streaming:
+            state["stream"] = {"epoch": self._stream_position.epoch, "batches": self._stream_position.batches}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.streaming and "stream" in state_dict:
+            self._stream_position = StreamPosition(**state_dict["stream"])
 
 
-def _strings(column: pd.Series) -> list[str]:
-    # Empty cells read as NaN; they are empty texts, not missing rows.
-    return column.fillna("").astype(str).tolist()
+@dataclass(frozen=True)
+class StreamBatches:
+    """Streamed rows to a batch: their texts tokenised and padded, their labels looked up (``collate`` of
+    the train stream; runs in the loader workers)."""
+
+    tokenizer: Any
+    padding: Padding
+    text_column: str
+    text_pair_column: str | None
+    label_column: str
+    label_index: dict[str, int]
+    max_length: int
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pairs = None if self.text_pair_column is None else [item[self.text_pair_column] for item in items]
+        encoded = _encode(
+            [item[self.text_column] for item in items],
+            pairs,
+            tokenizer=self.tokenizer,
+            max_length=self.max_length,
+        )
+        batch = self.padding([dict(zip(encoded, values)) for values in zip(*encoded.values())])
+        batch[INDEX] = torch.tensor([item[INDEX] for item in items], dtype=torch.long)
+        batch[LABELS] = torch.tensor([self._label_id(item) for item in items], dtype=torch.long)
+        return batch
+
+    def _label_id(self, item: dict[str, Any]) -> int:
+        label = item[self.label_column]
+        if label is None or str(label) not in self.label_index:
+            raise RecipeError(
+                "data.train",
+                f"streamed row {item[INDEX]} has label {label!r}, not one of {list(self.label_index)}; "
+                "fix data.labels or the row",
+            )
+        return self.label_index[str(label)]
 
 
-def _to_frame(split: Any, label_column: str) -> pd.DataFrame:
-    """A ``datasets.Dataset`` as a DataFrame, with ClassLabel ids turned into their names."""
-    from datasets import ClassLabel
+def _encode(texts: list[Any], pairs: list[Any] | None = None, *, tokenizer: Any, max_length: int) -> dict:
+    """Batched ``map`` step: the token columns of a batch of texts (the attention mask is made per batch)."""
+    encodings = tokenizer(
+        _strings(texts), None if pairs is None else _strings(pairs), truncation=True, max_length=max_length
+    )
+    return {name: values for name, values in encodings.items() if name != "attention_mask"}
 
-    frame = split.to_pandas()
-    feature = split.features.get(label_column)
-    if isinstance(feature, ClassLabel):
-        # -1 marks an unlabelled row (e.g. GLUE test splits).
-        frame[label_column] = [feature.names[i] if i >= 0 else None for i in frame[label_column]]
-    return frame
+
+def _strings(values: list[Any]) -> list[str]:
+    # Empty cells are missing values; they are empty texts, not missing rows.
+    return ["" if value is None else str(value) for value in values]

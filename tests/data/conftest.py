@@ -8,6 +8,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_cache(tmp_path_factory):
+    """Converted tables and tokenised splits go to a temporary cache, shared by the data tests."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("datasets-cache"))
+        yield
+
+
 @pytest.fixture
 def bert_backbone(tiny_bert_dir: Path) -> str:
     """The tiny BERT folder as a backbone name (its tokenizer drives text preprocessing)."""

@@ -143,9 +143,12 @@ def test_predict_defaults_to_test_then_val(hundred_rows, write_csv):
     val_only = TextClassificationData(train=str(hundred_rows))
     assert set(val_only.predict_table()["id"]) == ids(val_only, "val")
     given = write_csv("new.csv", id=[7, 8], text=["a", "b"])
-    assert TextClassificationData(train=str(hundred_rows), predict=str(given)).predict_table()[
-        "id"
-    ].tolist() == [7, 8]
+    assert list(
+        TextClassificationData(train=str(hundred_rows), predict=str(given)).predict_table()["id"]
+    ) == [
+        7,
+        8,
+    ]
 
 
 def test_labels_are_saved_and_restored(tmp_path, write_csv):

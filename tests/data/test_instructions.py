@@ -71,10 +71,10 @@ def test_chat_template_masks_every_assistant_turn(tiny_llama_dir):
 def test_truncation_packing_and_val_split(tiny_llama_dir, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS * 4)
     module, _ = data(tiny_llama_dir, path, max_length=6)
-    assert all(len(row["input_ids"]) <= 6 for row in module.datasets["train"].rows)
+    assert all(len(ids) <= 6 for ids in module.datasets["train"].tokens["input_ids"])
     packed, _ = data(tiny_llama_dir, path, max_length=16, packing=True, batch_size=2)
-    rows = packed.datasets["train"].rows
-    assert all(len(r["input_ids"]) == 16 for r in rows[:-1])
+    rows = list(packed.datasets["train"].tokens["input_ids"])
+    assert all(len(ids) == 16 for ids in rows[:-1])
     split = InstructionData(train=str(path), val_fraction=0.25, backbone=str(tiny_llama_dir))
     assert len(split.conversations["val"]) == 3 and len(split.conversations["train"]) == 9
     sample = split.sample_prompts(1)[0]
@@ -82,6 +82,28 @@ def test_truncation_packing_and_val_split(tiny_llama_dir, tmp_path):
         sample["prompt"].endswith("### Response:\n")
         and sample["prompt_ids"][0] == split.tokenizer.bos_token_id
     )
+
+
+def pack_reference(rows, length):
+    """How rows were packed before packing was a map: all of them concatenated, then cut every ``length``."""
+    ids = [t for row in rows for t in row["input_ids"]]
+    labels = [t for row in rows for t in row["labels"]]
+    return [
+        {"input_ids": ids[i : i + length], "labels": labels[i : i + length]}
+        for i in range(0, len(ids), length)
+    ]
+
+
+def test_packing_concatenates_every_row_across_map_batches(tiny_llama_dir, tmp_path):
+    # 2,400 conversations pack into more than 1,000 rows: the packing map's batches must join up exactly.
+    path = write_jsonl(tmp_path / "many.jsonl", ROWS * 800)
+    unpacked, _ = data(tiny_llama_dir, path, max_length=16)
+    packed, _ = data(tiny_llama_dir, path, max_length=16, packing=True)
+    rows = unpacked.datasets["train"].tokens
+    expected = pack_reference([rows[i] for i in range(len(rows))], 16)
+    got = packed.datasets["train"].tokens
+    assert len(got) == len(expected) > 1000
+    assert [got[i] for i in range(len(got))] == expected
 
 
 def test_bad_instruction_files(tiny_llama_dir, tmp_path):

@@ -119,9 +119,9 @@ def test_instruction_and_text_data_hold_out_the_same_positions(tmp_path, write_c
     conversations = InstructionData(train=str(jsonl), **settings).conversations
     text = TextClassificationData(train=str(table), **settings)
     positions = {
-        split: [int(messages[0]["content"][1:]) for messages in conversations[split]]
+        split: [int(messages[0]["content"][1:]) for messages in conversations[split]["messages"]]
         for split in ("train", "val")
     }
     expected = as_lists(hold_out(count, {"val": 0.2}, seed=9, limit=30))
     assert positions == {split: expected[split] for split in ("train", "val")}
-    assert {split: text.table(split)["id"].tolist() for split in ("train", "val")} == positions
+    assert {split: list(text.table(split)["id"]) for split in ("train", "val")} == positions

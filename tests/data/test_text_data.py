@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from finetune.data import TextClassificationData
@@ -31,8 +32,8 @@ def test_batches_are_padded_to_their_longest_row(write_csv, bert_backbone):
 def test_labels_and_index_point_at_the_same_rows(text_csv, bert_backbone):
     data = TextClassificationData(train=str(text_csv), backbone=bert_backbone, batch_size=8)
     batch = first_batch(data)
-    rows = data.table("train").iloc[batch["index"].tolist()]
-    assert [data.labels[i] for i in batch["labels"].tolist()] == rows["label"].tolist()
+    rows = data.table("train").select(batch["index"].tolist())
+    assert [data.labels[i] for i in batch["labels"].tolist()] == list(rows["label"])
     assert batch["labels"].dtype == batch["index"].dtype == batch["input_ids"].dtype
 
 
@@ -80,12 +81,14 @@ def test_unloadable_dataset_names_its_key(tmp_path, monkeypatch):
         data.labels  # noqa: B018 - reading the labels loads the dataset
 
 
-def test_class_label_ids_become_names():
+def test_class_label_ids_become_names(tmp_path):
     from datasets import ClassLabel, Dataset, Features, Value
 
-    from finetune.data.text import _to_frame
+    from finetune.data.rows import ArrowRows
 
-    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos", "unused"])})
     split = Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, -1]}, features=features)
-    labels = _to_frame(split, "label")["label"]
-    assert labels[:2].tolist() == ["pos", "neg"] and labels.isna()[2]
+    rows = ArrowRows(split, "classlabel-test", tmp_path)
+    assert rows.label_names("label") == {"pos", "neg"} and rows.missing("label") == 1  # -1: unlabelled
+    labelled = rows.take(np.array([0, 1]))
+    assert labelled.label_ids("label", {"neg": 5, "pos": 7}).take([0, 1]).tolist() == [7, 5]
