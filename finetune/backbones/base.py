@@ -56,12 +56,7 @@ class BackboneLoader(Protocol):
     def tokenizer(self, source: str, backbone: Backbone) -> Any: ...
 
     def export(
-        self,
-        model: Any,
-        directory: Path,
-        labels: list[str],
-        backbone: Backbone,
-        image: ImageConfig | None = None,
+        self, model: Any, path: Path, labels: list[str], backbone: Backbone, image: ImageConfig | None = None
     ) -> None:
         """Save ``model`` in the family's native format, loadable without ``finetune``; ``image`` (image
         models) is the evaluation preprocessing the export records, so that it preprocesses as validation did."""

@@ -165,23 +165,18 @@ class HFLoader:
         )
 
     def export(
-        self,
-        model: Any,
-        directory: Path,
-        labels: list[str],
-        backbone: Backbone,
-        image: ImageConfig | None = None,
+        self, model: Any, path: Path, labels: list[str], backbone: Backbone, image: ImageConfig | None = None
     ) -> None:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {label: i for i, label in enumerate(labels)}
-        model.save_pretrained(directory)
+        model.save_pretrained(path)
         _, source = backbone.resolve()
         if image is not None:
-            processor_for(self._image_processor(source, backbone), image).save_pretrained(directory)
+            processor_for(self._image_processor(source, backbone), image).save_pretrained(path)
             return
         preprocessor = self._preprocessor(source, backbone)
         if preprocessor is not None:
-            preprocessor.save_pretrained(directory)
+            preprocessor.save_pretrained(path)
 
     def _preprocessor(self, source: str, backbone: Backbone) -> Any:
         from transformers import AutoProcessor

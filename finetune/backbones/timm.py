@@ -115,12 +115,7 @@ class TimmLoader:
         )
 
     def export(
-        self,
-        model: Any,
-        directory: Path,
-        labels: list[str],
-        backbone: Backbone,
-        image: ImageConfig | None = None,
+        self, model: Any, path: Path, labels: list[str], backbone: Backbone, image: ImageConfig | None = None
     ) -> None:
         from timm.models import save_for_hf
 
@@ -128,7 +123,7 @@ class TimmLoader:
         # from a `local-dir:` model: the export preprocesses as validation did.
         save_for_hf(
             model,
-            str(directory),
+            str(path),
             model_config={"num_classes": len(labels), "label_names": list(labels)},
             safe_serialization=True,
             data_config=image.timm_args() if image is not None else None,
