@@ -34,6 +34,14 @@ SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint folders hold
 KEY = "RUN_DIR"
 
 
+def recipe_name(config: Path) -> str:
+    """The name a recipe's runs go under: the file's stem, or for a run's saved ``config.yaml`` (rerun or
+    resumed) the name of the recipe that run came from."""
+    if config.name == CONFIG and (config.parent / CHECKPOINTS).is_dir():
+        return config.parent.parent.name
+    return config.stem
+
+
 def metrics_file(stage: str) -> str:
     """The final-metrics table of ``stage`` (``fit`` or ``test``)."""
     return f"metrics_{stage}.txt"

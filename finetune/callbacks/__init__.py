@@ -12,6 +12,7 @@ from finetune._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from finetune.callbacks.accumulation import ScheduledAccumulation
+    from finetune.callbacks.checkpoint_io import AtomicCheckpointIO
     from finetune.callbacks.export import ExportModel
     from finetune.callbacks.predictions import PredictionWriter
     from finetune.callbacks.report import MetricsReport, ParameterReport
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from finetune.distill import Distillation, FeatureMatch
 
 _HOMES = {
+    "AtomicCheckpointIO": "finetune.callbacks.checkpoint_io",
     "Distillation": "finetune.distill",
     "ExportModel": "finetune.callbacks.export",
     "FeatureMatch": "finetune.distill",
@@ -32,6 +34,7 @@ _HOMES = {
 }
 
 __all__ = [
+    "AtomicCheckpointIO",
     "Distillation",
     "ExportModel",
     "FeatureMatch",

@@ -15,12 +15,22 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
 from finetune import runs
-from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter, RestoreRNG
+from finetune.callbacks import (
+    AtomicCheckpointIO,
+    ExportModel,
+    MetricsReport,
+    ParameterReport,
+    PredictionWriter,
+    RestoreRNG,
+)
+from finetune.checkpoints import check_loadable, newest_loadable
 from finetune.cli.trainer_checks import check_trainer
 from finetune.data import ClassificationData
 from finetune.errors import RecipeError
@@ -34,8 +44,11 @@ from finetune.strategies import Strategy
 class FinetuneCLI(LightningCLI):
     """``LightningCLI`` with finetune's defaults; see the module docstring."""
 
-    def __init__(self, *args: Any, run_name: str = "run", plan: bool = False, **kwargs: Any) -> None:
-        self.run_name = run_name
+    def __init__(
+        self, *args: Any, config_path: Path | None = None, plan: bool = False, **kwargs: Any
+    ) -> None:
+        self.config_path = config_path
+        self.run_name = runs.recipe_name(config_path) if config_path is not None else "run"
         self.plan = plan
         self.placement: Placement | None = None  # where the recipe asks the run to go (devices, sharding)
         super().__init__(*args, **kwargs)
@@ -75,17 +88,40 @@ class FinetuneCLI(LightningCLI):
             # One device, nothing written: the plan is computed per device from self.placement.
             for key, value in PLAN_TRAINER.items():
                 trainer[key] = value
-        if trainer.logger is None or trainer.logger is True:
-            trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger",
-                init_args=Namespace(save_dir=trainer.default_root_dir or "runs", name=self.run_name),
-            )
+        if self.subcommand is not None and config.ckpt_path is not None:
+            config.ckpt_path = str(self._checkpoint(config.ckpt_path, trainer))
         callbacks = list(trainer.callbacks or [])
         if trainer.enable_checkpointing is not False and not any(
             c.class_path.endswith("ModelCheckpoint") for c in callbacks
         ):
             callbacks = self._checkpoints(config.model.class_path) + callbacks
         trainer.callbacks = callbacks
+
+    def _checkpoint(self, ckpt_path: str, trainer: Namespace) -> Path:
+        """``--ckpt_path``: ``last`` becomes the newest whole checkpoint of this recipe's runs (under
+        ``<default_root_dir>/<recipe>/version_*``); any other path must be a whole checkpoint."""
+        if ckpt_path != "last":
+            check_loadable(Path(ckpt_path))
+            return Path(ckpt_path)
+        root = Path(trainer.default_root_dir or "runs") / self.run_name
+        found = newest_loadable(root.glob(f"version_*/{runs.CHECKPOINTS}/*.ckpt"))
+        if found is None:
+            raise RecipeError(
+                "ckpt_path", f"no whole checkpoint to resume from under {root}; train first, or give a path"
+            )
+        return found
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        # The logger is made here, not written into the recipe: a saved config.yaml then follows the
+        # default_root_dir it is run with, instead of pinning the folder of the run that saved it.
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
+        if config.logger is None or config.logger is True:
+            save_dir = config.default_root_dir or "runs"
+            kwargs["logger"] = CSVLogger(save_dir=save_dir, name=self.run_name)
+        if not config.plugins:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     @staticmethod
     def _checkpoints(model_class_path: str) -> list[Namespace]:
@@ -265,7 +301,6 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
     set_parsing_settings(subclasses_enabled=[Strategy])
 
     config = next((value for flag, value in zip(argv, argv[1:]) if flag in ("--config", "-c")), None)
-    run_name = Path(config).stem if config else "run"
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         return FinetuneCLI(
@@ -287,7 +322,7 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
             },
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
-            run_name=run_name,
+            config_path=Path(config) if config else None,
             plan=plan,
             run=run,
             args=argv,
