@@ -156,7 +156,8 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
         for attempt in ("first", "second"):
             child = [sys.executable, "-m", "bench.data", "--child", str(csv), str(model)]
             child += ["--batches", str(args.batches), "--workers", str(args.workers)]
-            peak, text, _ = run_capped(child, env, REPOSITORY, cap)
+            # Not from the repository folder: `python -m` puts the working folder first on sys.path.
+            peak, text, _ = run_capped(child, env, work, cap)
             numbers = json.loads(text.strip().splitlines()[-1]) if peak is not None else {}
             results.append({"rows": rows, "what": f"loader ({attempt} run)", "peak": peak, **numbers})
             print(json.dumps(results[-1]), flush=True)

@@ -150,7 +150,7 @@ class TextClassificationData(ClassificationData):
             return None
         part = self._hf_dataset[name]
         files = [(f["filename"], Path(f["filename"]).stat().st_mtime_ns) for f in part.cache_files]
-        print_ = fingerprint(self.dataset, self.dataset_config, name, files or part.to_dict())
+        print_ = fingerprint(self.dataset, self.dataset_config, name, files or part.data)
         return NamedTable(ArrowRows(part, print_, self.cache), f"{self.dataset}[{name}]")
 
     @cached_property
@@ -178,7 +178,7 @@ class TextClassificationData(ClassificationData):
 
     @cached_property
     def _tokenizer_print(self) -> str:
-        # Hashed as loaded: datasets' Hasher ignores the truncation state a call leaves behind.
+        """The tokenizer's fingerprint (datasets' Hasher: its vocabulary, rules and special tokens)."""
         return fingerprint(self.tokenizer)
 
     def _truncation(self) -> int:
