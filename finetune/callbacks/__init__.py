@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from finetune.callbacks.accumulation import ScheduledAccumulation
     from finetune.callbacks.checkpoint_io import AtomicCheckpointIO
     from finetune.callbacks.export import ExportModel
+    from finetune.callbacks.nonfinite import StopOnNonFinite
     from finetune.callbacks.predictions import PredictionWriter
+    from finetune.callbacks.preemption import Preemption
     from finetune.callbacks.report import MetricsReport, ParameterReport
     from finetune.callbacks.rng import RestoreRNG
     from finetune.callbacks.unfreeze import GradualUnfreezing
@@ -29,6 +31,8 @@ _HOMES = {
     "MetricsReport": "finetune.callbacks.report",
     "ParameterReport": "finetune.callbacks.report",
     "PredictionWriter": "finetune.callbacks.predictions",
+    "Preemption": "finetune.callbacks.preemption",
+    "StopOnNonFinite": "finetune.callbacks.nonfinite",
     "RestoreRNG": "finetune.callbacks.rng",
     "ScheduledAccumulation": "finetune.callbacks.accumulation",
 }
@@ -41,9 +45,11 @@ __all__ = [
     "GradualUnfreezing",
     "MetricsReport",
     "ParameterReport",
+    "Preemption",
     "PredictionWriter",
     "RestoreRNG",
     "ScheduledAccumulation",
+    "StopOnNonFinite",
 ]
 
 

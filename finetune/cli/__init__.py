@@ -17,6 +17,7 @@ from finetune.cli.recipe_file import read_recipe
 from finetune.errors import RecipeError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process ended by it
 # Commands of our own: name -> "module:function"; the function takes the remaining argv, returns an exit code.
 COMMANDS: dict[str, str] = {"export": "finetune.cli.export:main", "plan": "finetune.cli.plan:main"}
 
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         run_cli(argv)
     except RecipeError as error:
         return _fail(str(error))
+    except SystemExit as stop:
+        if type(stop).__name__ == "SIGTERMException":  # preempted: a resumable checkpoint was saved
+            return PREEMPTED
+        raise
     return 0
 
 

@@ -28,7 +28,9 @@ from finetune.callbacks import (
     MetricsReport,
     ParameterReport,
     PredictionWriter,
+    Preemption,
     RestoreRNG,
+    StopOnNonFinite,
 )
 from finetune.checkpoints import check_loadable, newest_loadable
 from finetune.cli.trainer_checks import check_trainer
@@ -317,6 +319,8 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
                     ExportModel(),
                     PredictionWriter(),
                     RestoreRNG(),
+                    Preemption(),
+                    StopOnNonFinite(),
                 ],
                 "enable_model_summary": False,
             },

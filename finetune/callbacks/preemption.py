@@ -1,0 +1,71 @@
+"""Preemption (clusters, spot instances): on SIGTERM or SIGUSR1, save a resumable checkpoint and stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from finetune import runs
+
+log = logging.getLogger(__name__)
+
+
+class Preemption(pl.Callback):
+    """When the process gets SIGTERM (Lightning's own notice) or SIGUSR1, finish the current batch, save
+    ``<checkpoints>/last.ckpt`` (the folder of the trainer's checkpoint callback, else ``<run>/checkpoints``)
+    and stop with Lightning's ``SIGTERMException``. ``--ckpt_path last`` resumes it; the checkpoint is taken
+    mid-epoch, and the data loaders of finetune's data modules skip the batches already trained on.
+
+    Under SLURM with auto-requeue, Lightning itself handles SIGUSR1 (it saves and requeues the job); this
+    callback then leaves SIGUSR1 to it.
+    """
+
+    def __init__(self) -> None:
+        self._requested = False
+        self._previous: Any = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._requested = False
+        if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            self._previous = signal.signal(signal.SIGUSR1, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self._requested = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stop = self._requested or trainer.received_sigterm
+        if trainer.world_size > 1:  # every process must save and stop at the same batch
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        log.warning(
+            "Preempted at step %d: saved %s; resume with --ckpt_path last (or --ckpt_path %s)",
+            trainer.global_step,
+            path,
+            path,
+        )
+        raise SIGTERMException
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    @staticmethod
+    def checkpoint_path(trainer: pl.Trainer) -> Path:
+        dirpath = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
+        folder = Path(dirpath) if dirpath else runs.run_dir(trainer) / runs.CHECKPOINTS
+        return folder / f"{runs.LAST}.ckpt"
