@@ -31,7 +31,7 @@ from finetune.data.conversations import (
 from finetune.data.loaders import LoaderDataModule
 from finetune.data.rows import ArrowRows
 from finetune.data.splits import check_hold_out, hold_out
-from finetune.data.tokens import Padding, gather
+from finetune.data.tokens import Padding, TokenizerOfBackbone, gather
 from finetune.errors import RecipeError, require
 from finetune.paths import resolve_path
 
@@ -64,7 +64,7 @@ class TokenRows(torch.utils.data.Dataset):
         return self.padding(items)
 
 
-class InstructionData(LoaderDataModule):
+class InstructionData(TokenizerOfBackbone, LoaderDataModule):
     """Prompt/response (or chat ``messages``) JSONL files for supervised fine-tuning of a causal LM.
 
     Batches hold ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on response tokens).
@@ -129,14 +129,6 @@ class InstructionData(LoaderDataModule):
         return cache_folder(self.cache_dir)
 
     @cached_property
-    def tokenizer(self) -> Any:
-        return self.backbone_spec().tokenizer()
-
-    @cached_property
-    def _tokenizer_print(self) -> str:
-        return fingerprint(self.tokenizer)
-
-    @cached_property
     def _splits(self) -> dict[str, ArrowRows]:
         """The train and val conversations after ``limit`` and the held-out split."""
         if self.sources["train"] is None:
@@ -162,7 +154,7 @@ class InstructionData(LoaderDataModule):
 
     def _tokens(self, split: str) -> datasets.Dataset:
         rows = self._splits[split]
-        key = fingerprint(rows.fingerprint, self._tokenizer_print, self.max_length, "sft tokens")
+        key = fingerprint(rows.fingerprint, self.tokenizer_fingerprint, self.max_length, "sft tokens")
         tokens = cached_map(
             rows.rows,
             tokenize_batch,

@@ -8,6 +8,7 @@ and a Hugging Face ``ClassLabel`` id is its class name (-1, unlabelled, is a mis
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -55,53 +56,46 @@ class LabelIds(Protocol):
     def take(self, rows: Sequence[int]) -> np.ndarray: ...
 
 
-class FrameRows:
-    """A split held as a pandas DataFrame."""
-
-    def __init__(self, frame: pd.DataFrame) -> None:
-        self.frame = frame
-
-    @property
-    def rows(self) -> pd.DataFrame:
-        return self.frame
+class _Sized:
+    rows: Any
 
     def __len__(self) -> int:
-        return len(self.frame)
+        return len(self.rows)
+
+
+@dataclass(frozen=True, eq=False)
+class FrameRows(_Sized):
+    """A split held as a pandas DataFrame."""
+
+    rows: pd.DataFrame
 
     def columns(self) -> list[str]:
-        return list(self.frame.columns)
+        return list(self.rows.columns)
 
     def missing(self, column: str) -> int:
-        return int(self.frame[column].isna().sum())
+        return int(self.rows[column].isna().sum())
 
     def take(self, indices: np.ndarray) -> FrameRows:
-        return FrameRows(self.frame.iloc[indices].reset_index(drop=True))
+        return FrameRows(self.rows.iloc[indices].reset_index(drop=True))
 
     def label_names(self, column: str) -> set[str]:
-        return set(self.frame[column].astype(str))
+        return set(self.rows[column].astype(str))
 
     def label_ids(self, column: str, index: Mapping[str, int]) -> np.ndarray:
-        return np.array([index[label] for label in self.frame[column].astype(str)], dtype=np.int64)
+        return np.array([index[label] for label in self.rows[column].astype(str)], dtype=np.int64)
 
 
-class ArrowRows:
+@dataclass(frozen=True, eq=False)
+class ArrowRows(_Sized):
     """A split held as a memory-mapped ``datasets.Dataset``; ``fingerprint`` identifies its rows, and
     derived columns (class ids) are cached in ``cache``."""
 
-    def __init__(self, dataset: datasets.Dataset, fingerprint: str, cache: Path) -> None:
-        self.dataset = dataset
-        self.fingerprint = fingerprint
-        self.cache = cache
-
-    @property
-    def rows(self) -> datasets.Dataset:
-        return self.dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+    rows: datasets.Dataset
+    fingerprint: str
+    cache: Path
 
     def columns(self) -> list[str]:
-        return list(self.dataset.column_names)
+        return list(self.rows.column_names)
 
     def missing(self, column: str) -> int:
         import pyarrow.compute as pc
@@ -114,10 +108,10 @@ class ArrowRows:
         return missing
 
     def take(self, indices: np.ndarray) -> ArrowRows:
-        if len(indices) == len(self.dataset):
+        if len(indices) == len(self.rows):
             return self  # sorted and distinct: every row, in order
         key = fingerprint(self.fingerprint, "take", indices)
-        return ArrowRows(self.dataset.select(indices, new_fingerprint=key), key, self.cache)
+        return ArrowRows(self.rows.select(indices, new_fingerprint=key), key, self.cache)
 
     def label_names(self, column: str) -> set[str]:
         return {text for text in self._texts(column).values() if text is not None}
@@ -129,7 +123,7 @@ class ArrowRows:
         ids = {value: index[text] for value, text in self._texts(column).items()}
         key = fingerprint(self.fingerprint, "label ids", column, sorted(ids.items(), key=repr))
         encoded = cached_map(
-            self.dataset.select_columns([column]).with_format("arrow"),
+            self.rows.select_columns([column]).with_format("arrow"),
             _encode_labels,
             folder=self.cache / "labels",
             key=key,
@@ -156,11 +150,11 @@ class ArrowRows:
     def _class_names(self, column: str) -> list[str] | None:
         from datasets import ClassLabel
 
-        feature = self.dataset.features.get(column)
+        feature = self.rows.features.get(column)
         return list(feature.names) if isinstance(feature, ClassLabel) else None
 
     def _scan(self, column: str) -> Iterator[pa.ChunkedArray]:
-        table = self.dataset.select_columns([column]).with_format("arrow")
+        table = self.rows.select_columns([column]).with_format("arrow")
         for batch in table.iter(batch_size=BATCH):
             yield batch[column]
 
@@ -168,14 +162,14 @@ class ArrowRows:
 class ArrowIds:
     """Class ids in one memory-mapped int64 column (``labels``), gathered a batch at a time."""
 
-    def __init__(self, dataset: datasets.Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, ids: datasets.Dataset) -> None:
+        self.ids = ids
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.ids)
 
     def take(self, rows: Sequence[int]) -> np.ndarray:
-        return self.dataset.data.fast_gather(np.asarray(rows)).column("labels").to_numpy()
+        return self.ids.data.fast_gather(np.asarray(rows)).column("labels").to_numpy()
 
 
 def _encode_labels(column: pa.ChunkedArray, values: pa.Array, ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from finetune.data.labels import sorted_labels
 from finetune.data.rows import ArrowRows, LabelIds
 from finetune.data.streaming import StreamPosition, TableStream, check_streaming, first_columns, stream_labels
 from finetune.data.tables import table_files
-from finetune.data.tokens import Padding, gather
+from finetune.data.tokens import Padding, TokenizerOfBackbone, gather
 from finetune.errors import RecipeError, first_line, require
 from finetune.paths import is_local_path, resolve_path
 
@@ -58,7 +58,7 @@ class TokenizedDataset(RowDataset):
         return self.padding(items)
 
 
-class TextClassificationData(ClassificationData):
+class TextClassificationData(TokenizerOfBackbone, ClassificationData):
     """Classify texts (or text pairs) from table columns.
 
     Table files (CSV, TSV, JSON lines, Parquet; a folder of them is read as shards in name order) are
@@ -172,15 +172,6 @@ class TextClassificationData(ClassificationData):
 
     # --- tokenising ------------------------------------------------------------------------------------
 
-    @cached_property
-    def tokenizer(self) -> Any:
-        return self.backbone_spec().tokenizer()
-
-    @cached_property
-    def _tokenizer_print(self) -> str:
-        """The tokenizer's fingerprint (datasets' Hasher: its vocabulary, rules and special tokens)."""
-        return fingerprint(self.tokenizer)
-
     def _truncation(self) -> int:
         # Never truncate beyond what the model accepts; tokenizers without a limit report a huge number.
         return min(self.max_length, self.tokenizer.model_max_length)
@@ -189,7 +180,7 @@ class TextClassificationData(ClassificationData):
     def make_dataset(self, rows: Any, split: str, label_ids: LabelIds | None) -> TokenizedDataset:
         split_rows = self.split_rows(split)
         columns = [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
-        key = fingerprint(split_rows.fingerprint, self._tokenizer_print, columns, self._truncation())
+        key = fingerprint(split_rows.fingerprint, self.tokenizer_fingerprint, columns, self._truncation())
         tokens = cached_map(
             rows,
             _encode,

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from finetune.data.arrow import fingerprint
+
 if TYPE_CHECKING:
     import datasets
+
+    from finetune.backbones.base import Backbone
+
+
+class TokenizerOfBackbone:
+    """For data modules that tokenise text: the backbone's tokenizer, loaded once, and its fingerprint
+    (datasets' Hasher over its vocabulary, rules and special tokens), which keys the cached token files."""
+
+    backbone_spec: Callable[[], Backbone]
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        return self.backbone_spec().tokenizer()
+
+    @cached_property
+    def tokenizer_fingerprint(self) -> str:
+        return fingerprint(self.tokenizer)
 
 
 def gather(rows: datasets.Dataset, indices: list[int]) -> list[dict[str, Any]]:
