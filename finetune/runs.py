@@ -63,16 +63,21 @@ def run_dir(trainer: pl.Trainer) -> Path:
 
 
 def find_checkpoint(run: Path) -> Path:
-    """The run's newest best checkpoint, else its last; RecipeError naming RUN_DIR when it has none."""
+    """The run's newest whole best checkpoint, else its last (damaged ones are skipped with a warning);
+    RecipeError naming RUN_DIR when it has none."""
+    from finetune.checkpoints import check_loadable, newest_loadable
+
     if not (run / CONFIG).is_file():
         raise RecipeError(KEY, f"{run} is not a run folder (no {CONFIG}); give runs/<recipe>/version_N")
     folder = run / CHECKPOINTS
-    best = sorted(folder.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if best:
-        return best[-1]
-    last = folder / f"{LAST}.ckpt"  # a file, or a folder of shards (fsdp2)
-    if last.exists():
-        return last
+    found = newest_loadable(folder.glob("best-*.ckpt"), KEY) or newest_loadable(
+        folder.glob(f"{LAST}.ckpt"), KEY
+    )
+    if found is not None:
+        return found
+    present = sorted(folder.glob("*.ckpt"))
+    if present:
+        check_loadable(present[-1], KEY)  # every one is damaged: say how
     raise RecipeError(KEY, f"{run} has no {CHECKPOINTS}/*.ckpt; train it first (or give another run)")
 
 

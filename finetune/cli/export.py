@@ -47,6 +47,8 @@ def main(argv: list[str]) -> int:
             runs.KEY, f"{run} is not a folder; give a run folder such as runs/<recipe>/version_0"
         )
     out = Path(args.out) if args.out else run / (f"{runs.EXPORT}-merged" if args.merge else runs.EXPORT)
+    if out.exists() and not out.is_dir():
+        raise RecipeError("--out", f"{out} is a file; give a folder (an existing export folder is replaced)")
     task = runs.load_run(run)
     directory = task.export(out, merge=args.merge)
     log.info("Exported %s to %s", "the merged model" if args.merge else "the model", directory)
