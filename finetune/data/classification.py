@@ -304,6 +304,13 @@ class ClassificationData(LoaderDataModule, ABC):
     # --- Lightning hooks ------------------------------------------------------------------------------
 
     @override
+    def prepare_data(self) -> None:
+        """Set up the trainer's stage on one process per machine first (Lightning holds the others back
+        until it is done): they then find the converted and tokenised files in the cache."""
+        if self.trainer is not None:
+            self.setup(self.trainer.state.fn.value)
+
+    @override
     def setup(self, stage: str) -> None:
         """Build the datasets of ``stage``'s splits (validation is optional when fitting)."""
         for split in STAGE_SPLITS[stage]:

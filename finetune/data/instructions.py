@@ -214,6 +214,12 @@ class InstructionData(TokenizerOfBackbone, LoaderDataModule):
         return samples
 
     @override
+    def prepare_data(self) -> None:
+        """Tokenise on one process per machine first (Lightning holds the others back until it is done):
+        they then find the token files in the cache."""
+        self.datasets  # noqa: B018 - builds (or loads) the cached token files
+
+    @override
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(self.datasets["train"])
 
