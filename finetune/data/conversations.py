@@ -41,12 +41,12 @@ class ConversationChunks:
     that were not UTF-8 (replaced, as for tables). ``encoding`` and ``dtype`` exist for ``read_arrow``."""
 
     def __init__(
-        self, path: Path, key: str, encoding: str = "auto", rows: int = CHUNK_ROWS, dtype: Any = None
+        self, path: Path, key: str, encoding: str = "auto", rows: int | None = None, dtype: Any = None
     ) -> None:
         self.path = path
         self.key = key
         self.encoding = encoding
-        self.rows = rows
+        self.rows = rows or CHUNK_ROWS
         self.replaced = 0
 
     def __iter__(self) -> Iterator[pd.DataFrame]:

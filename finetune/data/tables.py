@@ -59,7 +59,8 @@ def read_table(path: str | Path, key: str, encoding: str = "auto") -> pd.DataFra
 
 
 class TableChunks:
-    """The rows of a table file as DataFrames of at most ``rows`` rows, read in one pass per iteration.
+    """The rows of a table file as DataFrames of at most ``rows`` (default ``CHUNK_ROWS``) rows, read in one
+    pass per iteration.
 
     Text is decoded as ``read_table`` does; after an iteration, ``replaced`` counts the bytes that were not
     valid UTF-8 (``encoding="auto"``). ``dtype`` maps columns to a pandas dtype to read them as (text
@@ -71,14 +72,14 @@ class TableChunks:
         path: Path,
         key: str,
         encoding: str = "auto",
-        rows: int = CHUNK_ROWS,
+        rows: int | None = None,
         dtype: Mapping[str, Any] | None = None,
         columns: list[str] | None = None,
     ) -> None:
         self.path = path
         self.key = key
         self.encoding = encoding
-        self.rows = rows
+        self.rows = rows or CHUNK_ROWS
         self.dtype = dict(dtype or {})
         self.columns = columns
         self.suffix = check_format(path, key)

@@ -142,17 +142,22 @@ def test_undecodable_bytes_are_replaced_and_counted_on_every_read(tmp_path, capl
 
 
 def test_columns_whose_type_changes_between_chunks_are_read_as_text(tmp_path, monkeypatch):
+    # Chunks of 4 rows: label is a number in the first chunks and text later; pair is empty in the first.
     monkeypatch.setattr("finetune.data.tables.CHUNK_ROWS", 4)
-    rows = [f"{i},{i % 3},good" for i in range(10)] + ["10,x,good", "11,,bad"]
+    lines = [f"{i},{i % 3},good,{'' if i < 4 else 'day'}" for i in range(10)] + [
+        "10,x,good,day",
+        "11,,bad,day",
+    ]
     path = tmp_path / "t.csv"
-    path.write_text("id,label,text\n" + "\n".join(rows) + "\n")
+    path.write_text("id,label,text,pair\n" + "\n".join(lines) + "\n")
     data = TextClassificationData(train=str(path), val_fraction=0, labels=["0", "1", "2", "x"])
     with pytest.raises(ValueError, match="1 rows of t.csv have no 'label' value"):
         data.labels  # noqa: B018
-    path.write_text("id,label,text\n" + "\n".join(rows[:-1]) + "\n")
+    path.write_text("id,label,text,pair\n" + "\n".join(lines[:-1]) + "\n")
     data = TextClassificationData(train=str(path), val_fraction=0, cache_dir=str(tmp_path / "c2"))
     assert data.labels == ["0", "1", "2", "x"]
-    assert list(data.table("train")["id"]) == list(range(11))
+    table = data.table("train")
+    assert list(table["id"]) == list(range(11)) and list(table["pair"]) == [None] * 4 + ["day"] * 7
 
 
 def test_a_folder_of_shards_reads_as_one_table(tmp_path, write_csv, bert_backbone):
