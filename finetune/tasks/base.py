@@ -56,6 +56,8 @@ class FinetuneTask(pl.LightningModule):
     """
 
     monitor: ClassVar[Monitor] = Monitor("val/loss", "min")
+    # The epoch-level metrics the task logs: what a plateau schedule (or a callback) may monitor.
+    epoch_metrics: ClassVar[tuple[str, ...]] = ("val/loss",)
 
     def __init__(
         self,
@@ -214,10 +216,22 @@ class FinetuneTask(pl.LightningModule):
         groups = param_groups(self.model, self.layout, self.optimizer_config) + self._loss_module_groups()
         optimizer = build_optimizer(groups, self.optimizer_config)
         steps = total_steps(self.trainer)
+        self._check_monitor()
         schedules = build_schedule(
             optimizer, self.schedule_config, steps, self.monitor.metric, self.monitor.mode
         )
         return [optimizer], schedules
+
+    def _check_monitor(self) -> None:
+        """A plateau schedule watching a metric this task never logs would fail after the first epoch, once
+        checkpoints exist; refuse it before training."""
+        config = self.schedule_config
+        watched = config.monitor or self.monitor.metric
+        if config.name == "plateau" and watched not in self.epoch_metrics:
+            raise RecipeError(
+                "lr_scheduler.monitor",
+                f"{type(self).__name__} logs no {watched!r}; choose one of: {', '.join(self.epoch_metrics)}",
+            )
 
     def _loss_module_groups(self) -> list[dict[str, Any]]:
         """One group per loss-term module, at the head's level, with the optimizer's base LR and decay."""

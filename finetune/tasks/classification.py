@@ -52,6 +52,7 @@ class ClassificationTask(FinetuneTask):
     """
 
     monitor = Monitor("val/acc", "max")
+    epoch_metrics = ("val/loss", "val/acc", "val/f1")
 
     def __init__(
         self,

@@ -50,6 +50,8 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
         **kwargs: ``optimizer`` and ``lr_scheduler``, as ``FinetuneTask`` takes them.
     """
 
+    epoch_metrics = ("val/loss", "val/perplexity")
+
     def __init__(
         self,
         backbone: str | Backbone,
