@@ -3,6 +3,7 @@ base data module that holds the loader settings (seed, batch sizes, workers, bac
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sized
 from typing import Any
@@ -32,7 +33,10 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        # A few thousand Python ints at a time: a list of all rows would cost ~36 bytes each.
+        for start in range(0, self.size, 4096):
+            yield from order[start : start + 4096].tolist()
 
     def __len__(self) -> int:
         return self.size
@@ -65,7 +69,7 @@ def make_loader(
 
     Workers persist across epochs; ``pin_memory`` speeds up copies to a CUDA device.
     """
-    return DataLoader(
+    return ResumableLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -77,6 +81,20 @@ def make_loader(
         # resumed run (which creates them at other moments) keeps the same dropout masks.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose next pass can start after its first ``skip`` batches, so that a run resumed from a
+    checkpoint taken mid-epoch (``finetune.callbacks.Preemption``) trains on the rest of that epoch's batches,
+    in the order an uninterrupted run would have. The skipped batches are drawn and dropped (their order
+    depends only on the sampler's seed and epoch), so nothing else about the pass changes."""
+
+    skip: int = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iterator, skip, None) if skip else iterator
 
 
 class LoaderDataModule(pl.LightningDataModule):
@@ -121,6 +139,7 @@ class LoaderDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.resume_skip = 0  # batches the next train loader's first pass skips (mid-epoch resume)
 
     def backbone_spec(self) -> Backbone:
         """The backbone that decides the preprocessing; RecipeError when the recipe sets none."""
@@ -131,11 +150,18 @@ class LoaderDataModule(pl.LightningDataModule):
         return Backbone.of(self.backbone)
 
     def train_loader(self, dataset: Any) -> DataLoader:
-        """Training batches of ``batch_size``, shuffled by ``(seed, epoch)`` (a stream shuffles itself)."""
+        """Training batches of ``batch_size``, shuffled by ``(seed, epoch)`` (a stream shuffles itself).
+
+        Its first pass skips ``resume_skip`` batches (set by ``finetune.callbacks.Preemption`` when a run
+        resumes from a checkpoint taken mid-epoch).
+        """
         sampler = (
             None if isinstance(dataset, IterableDataset) else EpochShuffleSampler(len(dataset), self.seed)
         )
-        return self._loader(dataset, self.batch_size, sampler)
+        loader = self._loader(dataset, self.batch_size, sampler)
+        if isinstance(loader, ResumableLoader):
+            loader.skip, self.resume_skip = self.resume_skip, 0
+        return loader
 
     def eval_loader(self, dataset: Any) -> DataLoader:
         """Validation, test or predict batches of ``eval_batch_size``, in row order."""
