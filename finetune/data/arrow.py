@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import pandas as pd
 
 from finetune.data.tables import TableChunks, warn_replaced
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 # Part of every fingerprint: change it when converted tables or cached steps change meaning.
-CACHE_VERSION = "finetune-arrow-1"
+CACHE_VERSION = "finetune-arrow-2"
+SCAN_ROWS = 100_000  # rows read at a time when copying or scanning a table
 
 
 def cache_folder(cache_dir: str | None) -> Path:
@@ -117,6 +119,44 @@ def cached_map(
         load_from_cache_file=True,
         **kwargs,
     )
+
+
+def reopened(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``dataset`` opened anew from its Arrow files (an in-memory one as it is).
+
+    What is read through the copy is mapped into memory only until the copy is dropped: a long scan read
+    through it leaves nothing resident, where reading through a dataset that is kept would keep every page
+    it touched counted in the process's memory.
+    """
+    import datasets
+
+    files = [entry["filename"] for entry in dataset.cache_files]
+    if not files:
+        return dataset
+    parts = [datasets.Dataset.from_file(name) for name in files]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def write_rows(dataset: datasets.Dataset, indices: np.ndarray, target: Path) -> None:
+    """Write the rows at ``indices`` (sorted) of ``dataset`` to ``target``, an Arrow file, reading the
+    rows in order a batch at a time (what a split of the rows is kept as)."""
+    import pyarrow as pa
+
+    table = reopened(dataset).data
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            start = 0
+            for batch in table.to_batches(max_chunksize=SCAN_ROWS):
+                end = start + batch.num_rows
+                first, last = np.searchsorted(indices, [start, end])
+                if last > first:
+                    writer.write_batch(batch.take(pa.array(indices[first:last] - start)))
+                start = end
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class _TypeConflict(Exception):

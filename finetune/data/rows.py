@@ -7,7 +7,7 @@ and a Hugging Face ``ClassLabel`` id is its class name (-1, unlabelled, is a mis
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
-from finetune.data.arrow import cached_map, fingerprint
+from finetune.data.arrow import cached_map, fingerprint, reopened, write_rows
 
 if TYPE_CHECKING:
     import datasets
     import pyarrow as pa
-
-BATCH = 100_000  # rows read at a time when scanning an Arrow column
 
 
 class SplitRows(Protocol):
@@ -100,18 +98,23 @@ class ArrowRows(_Sized):
     def missing(self, column: str) -> int:
         import pyarrow.compute as pc
 
-        missing = 0
-        for values in self._scan(column):
-            missing += values.null_count
-            if self._class_names(column) is not None:
-                missing += pc.sum(pc.less(values, 0)).as_py() or 0
+        values = self._column(column)
+        missing = values.null_count
+        if self._class_names(column) is not None:
+            missing += pc.sum(pc.less(values, 0)).as_py() or 0
         return missing
 
     def take(self, indices: np.ndarray) -> ArrowRows:
+        """The rows at ``indices``, kept in their own Arrow file in ``cache`` (written once)."""
+        import datasets
+
         if len(indices) == len(self.rows):
             return self  # sorted and distinct: every row, in order
         key = fingerprint(self.fingerprint, "take", indices)
-        return ArrowRows(self.rows.select(indices, new_fingerprint=key), key, self.cache)
+        target = self.cache / "splits" / f"{key}.arrow"
+        if not target.is_file():
+            write_rows(self.rows, indices, target)
+        return ArrowRows(datasets.Dataset.from_file(str(target)), key, self.cache)
 
     def label_names(self, column: str) -> set[str]:
         return {text for text in self._texts(column).values() if text is not None}
@@ -123,14 +126,14 @@ class ArrowRows(_Sized):
         ids = {value: index[text] for value, text in self._texts(column).items()}
         key = fingerprint(self.fingerprint, "label ids", column, sorted(ids.items(), key=repr))
         encoded = cached_map(
-            self.rows.select_columns([column]).with_format("arrow"),
+            reopened(self.rows).select_columns([column]).with_format("arrow"),
             _encode_labels,
             folder=self.cache / "labels",
             key=key,
             input_columns=[column],
             remove_columns=[column],
-            features=Features({"labels": Value("int64")}),
-            fn_kwargs={"values": pa.array(list(ids)), "ids": np.array(list(ids.values()), dtype=np.int64)},
+            features=Features({"labels": Value("int32")}),
+            fn_kwargs={"values": pa.array(list(ids)), "ids": np.array(list(ids.values()), dtype=np.int32)},
             desc="class ids",
         )
         return ArrowIds(encoded)
@@ -139,9 +142,7 @@ class ArrowRows(_Sized):
         """Each distinct raw value of ``column`` and its label text."""
         import pyarrow.compute as pc
 
-        values: set[Any] = set()
-        for chunk in self._scan(column):
-            values.update(pc.unique(chunk).to_pylist())
+        values = pc.unique(self._column(column)).to_pylist()
         names = self._class_names(column)
         if names is not None:
             return {v: None if v is None or v < 0 else names[v] for v in values}
@@ -153,10 +154,9 @@ class ArrowRows(_Sized):
         feature = self.rows.features.get(column)
         return list(feature.names) if isinstance(feature, ClassLabel) else None
 
-    def _scan(self, column: str) -> Iterator[pa.ChunkedArray]:
-        table = self.rows.select_columns([column]).with_format("arrow")
-        for batch in table.iter(batch_size=BATCH):
-            yield batch[column]
+    def _column(self, column: str) -> pa.ChunkedArray:
+        """One column, read through a copy of the rows that is dropped after use (``reopened``)."""
+        return reopened(self.rows).data.column(column)
 
 
 class ArrowIds:
@@ -169,7 +169,7 @@ class ArrowIds:
         return len(self.ids)
 
     def take(self, rows: Sequence[int]) -> np.ndarray:
-        return self.ids.data.fast_gather(np.asarray(rows)).column("labels").to_numpy()
+        return self.ids.data.fast_gather(np.asarray(rows)).column("labels").to_numpy().astype(np.int64)
 
 
 def _encode_labels(column: pa.ChunkedArray, values: pa.Array, ids: np.ndarray) -> dict[str, np.ndarray]:

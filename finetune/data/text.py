@@ -18,7 +18,7 @@ import torch
 from typing_extensions import override
 
 from finetune.batch import INDEX, LABELS
-from finetune.data.arrow import cache_folder, cached_map, fingerprint, read_arrow
+from finetune.data.arrow import cache_folder, cached_map, fingerprint, read_arrow, reopened
 from finetune.data.classification import ClassificationData, NamedTable, RowDataset
 from finetune.data.labels import sorted_labels
 from finetune.data.rows import ArrowRows, LabelIds
@@ -35,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 # Our split names -> the split names Hugging Face datasets use.
 DATASET_SPLITS = {"train": "train", "val": "validation", "test": "test"}
-# Stored token columns are narrow (ids fit int32, segment ids int8); batches are int64 as models expect.
-TOKEN_TYPES = {"input_ids": "int32", "token_type_ids": "int8"}
 
 
 class TokenizedDataset(RowDataset):
@@ -182,13 +180,13 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
         columns = [self.text_column] + ([self.text_pair_column] if self.text_pair_column else [])
         key = fingerprint(split_rows.fingerprint, self.tokenizer_fingerprint, columns, self._truncation())
         tokens = cached_map(
-            rows,
+            reopened(rows).select_columns(columns),  # the text pages are let go once tokenised
             _encode,
             folder=self.cache / "tokens",
             key=key,
             num_proc=self.num_proc,
             input_columns=columns,
-            remove_columns=rows.column_names,
+            remove_columns=columns,
             features=self._token_features(),
             fn_kwargs={"tokenizer": self.tokenizer, "max_length": self._truncation()},
             desc=f"tokenizing {split}",
@@ -196,11 +194,13 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
         return TokenizedDataset(tokens.with_format(None), Padding.of(self.tokenizer), label_ids)
 
     def _token_features(self) -> Any:
+        """The stored token columns, as narrow as the vocabulary allows (batches are int64 anyway)."""
         from datasets import Features, List, Value
 
         pair = "x" if self.text_pair_column is not None else None
         names = [name for name in self.tokenizer("x", pair) if name != "attention_mask"]
-        return Features({name: List(Value(TOKEN_TYPES.get(name, "int32"))) for name in names})
+        types = {"input_ids": "uint16" if len(self.tokenizer) <= 2**16 else "int32", "token_type_ids": "int8"}
+        return Features({name: List(Value(types.get(name, "int32"))) for name in names})
 
     # --- streaming -------------------------------------------------------------------------------------
 

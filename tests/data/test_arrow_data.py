@@ -113,7 +113,7 @@ def test_a_second_build_loads_the_tokenised_splits_from_the_cache(
 
     _, first = build()
     written = files()
-    assert {p.parts[1] for p in written} == {"tables", "tokens", "labels"}
+    assert {p.parts[1] for p in written} == {"tables", "splits", "tokens", "labels"}
 
     def tokenise_again(*args, **kwargs):
         raise AssertionError("the tokenised split was computed again")
