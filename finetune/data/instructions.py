@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from finetune.backbones.base import Backbone
-from finetune.data.arrow import cache_folder, cached_map, fingerprint, read_arrow
+from finetune.data.arrow import cache_folder, cached_map, fingerprint, read_arrow, reopened
 from finetune.data.conversations import (
     IGNORE,
     ConversationChunks,
@@ -156,7 +156,7 @@ class InstructionData(TokenizerOfBackbone, LoaderDataModule):
         rows = self._splits[split]
         key = fingerprint(rows.fingerprint, self.tokenizer_fingerprint, self.max_length, "sft tokens")
         tokens = cached_map(
-            rows.rows,
+            reopened(rows.rows),  # the conversations' pages are let go once tokenised
             tokenize_batch,
             folder=self.cache / "tokens",
             key=key,
