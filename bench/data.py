@@ -3,12 +3,14 @@
 Generates CSVs of short texts (8 words, 3 labels) with 100,000 and 2,000,000 rows into a temporary folder,
 and a tiny word-level BERT for them, then measures each configuration in a fresh process:
 
-- ``loader``: ``TextClassificationData(train=CSV, batch_size=32)``, ``setup("fit")``, the training
-  ``DataLoader`` and its first 1,000 batches (no model). Reports the set-up time (module built to loader
-  ready) and the process's peak resident set size (``ru_maxrss``), and RSS after the imports. Run twice per
-  size: the first run starts from an empty cache folder, the second reuses what the first wrote.
-- ``plan``: ``python -m finetune plan`` on a recipe training the tiny BERT on the CSV; peak RSS of that
-  process (``wait4``).
+- ``loader``: ``TextClassificationData(train=CSV, batch_size=32, num_workers=0)``, ``setup("fit")``, the
+  training ``DataLoader`` and its first 1,000 batches (no model). Reports the set-up time (module built to
+  loader ready), RSS after the imports and the process's peak RSS. Run twice per size (``--runs``): the
+  first run starts from an empty cache folder, the second reuses what the first wrote.
+- ``plan``: ``python -m finetune plan`` on a recipe training the tiny BERT on the CSV, and its peak RSS.
+
+Peak RSS is the kernel's high-water mark of the measured process's own memory (``VmHWM``): ``ru_maxrss``
+would also count the RSS of the process that started it (Linux keeps it across ``exec``).
 
 A process whose RSS passes ``--cap-gib`` is killed and reported as above it, so measuring code that holds
 every row in memory cannot exhaust the machine. ``--code DIR`` measures the ``finetune`` package found in
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,9 +58,11 @@ def make_model(directory: Path) -> Path:
     return bert_folder(directory / "bert", directory / "tokenizer", hidden=32)
 
 
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def memory(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024
 
 
 def measure_loader(csv: str, model: str, batches: int, workers: int) -> dict:
@@ -69,7 +72,7 @@ def measure_loader(csv: str, model: str, batches: int, workers: int) -> dict:
     from finetune.data import TextClassificationData
 
     torch.set_num_threads(1)
-    imported = rss_now()
+    imported = memory("VmRSS")
     start = time.perf_counter()
     data = TextClassificationData(train=csv, backbone=model, batch_size=32, num_workers=workers)
     data.setup("fit")
@@ -80,20 +83,30 @@ def measure_loader(csv: str, model: str, batches: int, workers: int) -> dict:
     for drawn, _ in enumerate(loader, start=1):
         if drawn == batches:
             break
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {
         "imported_mib": imported / MIB,
         "setup_s": setup_s,
         "iterate_s": time.perf_counter() - start,
         "batches": drawn,
-        "peak_mib": own / MIB,
-        "worker_peak_mib": children / MIB,
+        "peak_mib": memory("VmHWM") / MIB,
     }
 
 
-def run_capped(command: list[str], env: dict, cwd: Path, cap: int) -> tuple[int | None, str, float]:
-    """Run ``command``; return (peak RSS in bytes or None when killed at ``cap``, stdout, seconds)."""
+def measure_plan(recipe: str) -> dict:
+    """Runs in the measured process: ``python -m finetune plan RECIPE``."""
+    import runpy
+
+    sys.argv = ["finetune", "plan", recipe]
+    try:
+        runpy.run_module("finetune", run_name="__main__")
+    except SystemExit as done:
+        if done.code:
+            raise
+    return {"peak_mib": memory("VmHWM") / MIB}
+
+
+def run_capped(command: list[str], env: dict, cwd: Path, cap: int) -> tuple[bool, str, float]:
+    """Run ``command``; return (whether it finished under ``cap`` bytes of RSS, its output, seconds)."""
     import psutil
 
     start = time.perf_counter()
@@ -115,16 +128,15 @@ def run_capped(command: list[str], env: dict, cwd: Path, cap: int) -> tuple[int 
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        process.wait()
         seconds = time.perf_counter() - start
         out.seek(0)
         text = out.read()
     if killed.is_set():
-        return None, text, seconds
+        return False, text, seconds
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{text[-3000:]}")
-    return usage.ru_maxrss * 1024, text, seconds
+    return True, text, seconds
 
 
 def write_recipe(path: Path, csv: Path, model: Path) -> Path:
@@ -149,35 +161,32 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
         "OMP_NUM_THREADS": "1",
     }
     cap = int(args.cap_gib * 2**30)
+    # This file by path, so that `finetune` comes from `code` (first on PYTHONPATH) and not from the
+    # folder a `python -m` would put first.
+    script = [sys.executable, str(Path(__file__).resolve())]
     results = []
     for rows in args.rows:
-        csv = generate(work / f"texts-{rows}.csv", rows)
+        csv = work / f"texts-{rows}.csv"
+        run_capped([*script, "--generate", str(rows), str(csv)], env, work, cap)
         env["HF_DATASETS_CACHE"] = str(work / f"cache-{rows}")  # a cold cache per size
-        for attempt in ("first", "second"):
-            child = [sys.executable, "-m", "bench.data", "--child", str(csv), str(model)]
-            child += ["--batches", str(args.batches), "--workers", str(args.workers)]
-            # Not from the repository folder: `python -m` puts the working folder first on sys.path.
-            peak, text, _ = run_capped(child, env, work, cap)
-            numbers = json.loads(text.strip().splitlines()[-1]) if peak is not None else {}
-            results.append({"rows": rows, "what": f"loader ({attempt} run)", "peak": peak, **numbers})
-            print(json.dumps(results[-1]), flush=True)
         recipe = write_recipe(work / f"recipe-{rows}.yaml", csv, model)
-        command = [sys.executable, "-m", "finetune", "plan", str(recipe)]
-        peak, _, seconds = run_capped(command, env, work, cap)
-        results.append({"rows": rows, "what": "plan", "peak": peak, "wall_s": seconds})
-        print(json.dumps(results[-1]), flush=True)
+        child = [*script, "--batches", str(args.batches), "--child"]
+        runs = [(f"loader (run {n + 1})", [*child, "loader", str(csv), str(model)]) for n in range(args.runs)]
+        for what, command in [*runs, ("plan", [*child, "plan", str(recipe)])]:
+            finished, text, seconds = run_capped(command, env, work, cap)
+            last = [line for line in text.splitlines() if line.startswith("{")][-1:] if finished else []
+            numbers = json.loads(last[0]) if last else {"peak_mib": None}
+            results.append({"rows": rows, "what": what, "wall_s": seconds, **numbers})
+            print(json.dumps(results[-1]), flush=True)
     return results
 
 
 def table(results: list[dict], cap_gib: float) -> str:
     lines = ["| rows | measured | peak RSS | set-up | wall |", "|---:|---|---:|---:|---:|"]
     for r in results:
-        # The loader's own peak at its last batch; the plan's over its whole life (wait4).
-        own = r.get("peak_mib", None if r["peak"] is None else r["peak"] / MIB)
-        peak = f"> {cap_gib:g} GiB (killed)" if own is None else f"{own:,.0f} MiB"
+        peak = f"> {cap_gib:g} GiB (killed)" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f} MiB"
         setup = f"{r['setup_s']:.2f} s" if "setup_s" in r else ""
-        wall = f"{r['wall_s']:.1f} s" if "wall_s" in r else ""
-        lines.append(f"| {r['rows']:,} | {r['what']} | {peak} | {setup} | {wall} |")
+        lines.append(f"| {r['rows']:,} | {r['what']} | {peak} | {setup} | {r['wall_s']:.1f} s |")
     return "\n".join(lines)
 
 
@@ -190,10 +199,21 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=12.0)
     parser.add_argument("--work", help="folder for the CSVs, model and caches (default: a temporary one)")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--child", nargs=2, metavar=("CSV", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--runs", type=int, default=2, help="loader runs per size (the first fills the cache)"
+    )
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--generate", nargs=2, metavar=("ROWS", "CSV"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generate:
+        generate(Path(args.generate[1]), int(args.generate[0]))
+        return
     if args.child:
-        print(json.dumps(measure_loader(*args.child, args.batches, args.workers)))
+        kind, *rest = args.child
+        numbers = (
+            measure_loader(*rest, args.batches, args.workers) if kind == "loader" else measure_plan(*rest)
+        )
+        print(json.dumps(numbers))
         return
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(args.work or temporary)
