@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import lightning.pytorch as pl
@@ -57,6 +57,20 @@ def default_workers(processes: int = 1) -> int:
     return max(0, min(4, cpus // max(1, processes) - 1))
 
 
+class EpochLoader(DataLoader):
+    """A DataLoader over a stream (an iterable dataset with an ``epoch``) that sets the stream's epoch from
+    ``epoch()`` each time it is iterated. Its workers start anew each epoch (they are not persistent), so
+    they read the epoch as it is then."""
+
+    def __init__(self, dataset: Any, epoch: Callable[[], int], **options: Any) -> None:
+        super().__init__(dataset, **options)
+        self.epoch_of = epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dataset.epoch = self.epoch_of()
+        return super().__iter__()
+
+
 def make_loader(
     dataset: Any,
     batch_size: int,
@@ -64,23 +78,26 @@ def make_loader(
     seed: int,
     sampler: Sampler[int] | None = None,
     pin_memory: bool = False,
+    epoch: Callable[[], int] | None = None,
 ) -> DataLoader:
     """The DataLoader every finetune data module uses; ``dataset.collate`` makes its batches.
 
-    Workers persist across epochs; ``pin_memory`` speeds up copies to a CUDA device.
+    Workers persist across epochs; ``pin_memory`` speeds up copies to a CUDA device. A ``ResumableLoader``,
+    or with ``epoch`` (for a stream, which resumes by itself) an ``EpochLoader``.
     """
-    return ResumableLoader(
-        dataset,
+    options = dict(
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=dataset.collate,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
         # Its own generator: creating an iterator then draws no number from the global RNG, so a
         # resumed run (which creates them at other moments) keeps the same dropout masks.
         generator=torch.Generator().manual_seed(seed),
     )
+    if epoch is not None:
+        return EpochLoader(dataset, epoch, persistent_workers=False, **options)
+    return ResumableLoader(dataset, persistent_workers=num_workers > 0, **options)
 
 
 class ResumableLoader(DataLoader):
@@ -155,17 +172,19 @@ class LoaderDataModule(pl.LightningDataModule):
         Its first pass skips ``resume_skip`` batches (set by ``finetune.callbacks.Preemption`` when a run
         resumes from a checkpoint taken mid-epoch).
         """
-        sampler = (
-            None if isinstance(dataset, IterableDataset) else EpochShuffleSampler(len(dataset), self.seed)
-        )
-        loader = self._loader(dataset, self.batch_size, sampler)
-        if isinstance(loader, ResumableLoader):
-            loader.skip, self.resume_skip = self.resume_skip, 0
+        if isinstance(dataset, IterableDataset):
+            self.resume_skip = 0  # a stream starts at the position it was given
+            return self._loader(dataset, self.batch_size, None, self._current_epoch)
+        loader = self._loader(dataset, self.batch_size, EpochShuffleSampler(len(dataset), self.seed))
+        loader.skip, self.resume_skip = self.resume_skip, 0
         return loader
 
     def eval_loader(self, dataset: Any) -> DataLoader:
         """Validation, test or predict batches of ``eval_batch_size``, in row order."""
         return self._loader(dataset, self.eval_batch_size, None)
+
+    def _current_epoch(self) -> int:
+        return 0 if self.trainer is None else self.trainer.current_epoch
 
     def workers(self, dataset: Any) -> int:
         """``num_workers``, or by default none for a split under ``SMALL_SPLIT`` rows and otherwise
@@ -177,7 +196,13 @@ class LoaderDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return default_workers(1 if trainer is None else trainer.num_devices)
 
-    def _loader(self, dataset: Any, batch_size: int, sampler: Sampler[int] | None) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Any,
+        batch_size: int,
+        sampler: Sampler[int] | None,
+        epoch: Callable[[], int] | None = None,
+    ) -> DataLoader:
         trainer = self.trainer
         pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return make_loader(dataset, batch_size, self.workers(dataset), self.seed, sampler, pin)
+        return make_loader(dataset, batch_size, self.workers(dataset), self.seed, sampler, pin, epoch)

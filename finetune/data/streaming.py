@@ -95,9 +95,8 @@ class TableStream(torch.utils.data.IterableDataset):
     """The rows of ``files`` (``columns`` of them, plus ``index``), shuffled and dealt out as the module
     docstring says; ``collate`` turns a list of them into a batch.
 
-    Each iteration is the next epoch, starting with ``start.epoch`` (whose first ``start.batches`` batches of
-    this process are skipped): Lightning iterates the train loader once per epoch, and every loader worker
-    holds its own copy of the stream, iterated once per epoch too.
+    An iteration reads epoch ``epoch`` (set by the ``EpochLoader`` from the trainer); in epoch
+    ``start.epoch`` the first ``start.batches`` batches of this process are skipped.
     """
 
     def __init__(
@@ -125,15 +124,14 @@ class TableStream(torch.utils.data.IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.start = start
-        self._passes = 0
+        self.epoch = start.epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         consumers = self.world_size * workers
         me = self.rank * workers + worker
-        epoch = self.start.epoch + self._passes
-        self._passes += 1
+        epoch = self.epoch
         skip = self._skipped_rows(epoch, worker, workers)
         taken = 0
         mine: dict[str, Any] = {}

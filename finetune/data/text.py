@@ -229,7 +229,8 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
     @override
     def split_dataset(self, split: str) -> RowDataset | TableStream:
         """As for every split; with ``streaming``, a new ``TableStream`` of the train files that starts
-        where the last training batch left off (a restored checkpoint's position)."""
+        where the last training batch left off (a restored checkpoint's position: its epoch skips the batches
+        already taken, when the loader reads that epoch)."""
         if not (self.streaming and split == "train"):
             return super().split_dataset(split)
         files = self._train_files()
@@ -242,8 +243,6 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
                 f"column {column!r} not in {files[0].name}; columns are: {', '.join(columns)}",
             )
         trainer = self.trainer
-        epoch = 0 if trainer is None else trainer.current_epoch
-        position = self._stream_position
         return TableStream(
             files,
             "data.train",
@@ -263,7 +262,7 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
             batch_size=self.batch_size,
             rank=0 if trainer is None else trainer.global_rank,
             world_size=1 if trainer is None else trainer.world_size,
-            start=StreamPosition(epoch, position.batches if position.epoch == epoch else 0),
+            start=self._stream_position,
         )
 
     @override

@@ -33,6 +33,9 @@ class Recorder(pl.LightningModule):
         return self.weight.sum() + batch["labels"].float().mean() * 0
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        # As finetune's schedules do: Lightning builds the train loader to count the steps, before a
+        # resumed run's epoch is restored.
+        assert self.trainer.estimated_stepping_batches == self.trainer.max_steps
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
