@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from finetune.data.transforms import (
     describe,
 )
 from finetune.errors import RecipeError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 
@@ -84,6 +87,7 @@ class ImageClassificationData(ClassificationData):
         interpolation: Interpolation | None = None,
         mixup: float = 0.0,
         cutmix: float = 0.0,
+        skip_bad_images: bool = False,
         **kwargs: Any,
     ) -> None:
         """
@@ -104,9 +108,13 @@ class ImageClassificationData(ClassificationData):
             interpolation: the resize filter; default: the model's.
             mixup: MixUp alpha for training batches (0: off); the loss then reads soft targets.
             cutmix: CutMix alpha for training batches (0: off); with ``mixup``, one of the two per batch.
+            skip_bad_images: every image is opened and verified when its split is built (before training
+                starts); unreadable, empty or truncated files are refused with their list (default), or with
+                true skipped, saying how many.
         """
         super().__init__(**kwargs)
         self.path_column = path_column
+        self.skip_bad_images = skip_bad_images
         self.preparation = ImagePreparation(
             image_size=image_size,
             augment=augment,
@@ -151,6 +159,27 @@ class ImageClassificationData(ClassificationData):
         return {"data.path_column": self.path_column}
 
     def read_path(self, path: Path, key: str) -> NamedTable:
+        named = self._read_paths(path, key)
+        return NamedTable(self._readable(named.rows, key), named.name)
+
+    def _readable(self, rows: pd.DataFrame, key: str) -> pd.DataFrame:
+        """The rows whose image opens and verifies: all of them, or RecipeError listing the bad files (with
+        ``skip_bad_images``: the others, with a warning). Run when a split is read, before training."""
+        if self.path_column not in rows.columns:
+            return rows  # the base class reports the missing column
+        bad = unreadable(rows[self.path_column].tolist())
+        if not bad:
+            return rows
+        if not self.skip_bad_images:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise RecipeError(
+                key,
+                f"{len(bad)} images cannot be read ({shown}); remove them or set data.skip_bad_images: true",
+            )
+        logger.warning("%s: skipped %d unreadable images of %d", key, len(bad), len(rows))
+        return rows[~rows[self.path_column].isin(set(bad))]
+
+    def _read_paths(self, path: Path, key: str) -> NamedTable:
         if path.is_dir():
             return NamedTable(self._scan(path, key), path.name)
         rows, name = super().read_path(path, key)
@@ -187,6 +216,20 @@ class ImageClassificationData(ClassificationData):
         train = split == "train"
         mixer = batch_mixer(self.preparation, len(self.labels)) if train else None
         return ImageDataset(rows[self.path_column].tolist(), self.transform(train), label_ids, mixer)
+
+
+def unreadable(paths: list[str]) -> list[str]:
+    """The paths PIL cannot open and verify (empty, truncated, not an image); reads each file once."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            bad.append(path)
+    return bad
 
 
 def _images(folder: Path, pattern: str) -> list[Path]:

@@ -19,7 +19,7 @@ from finetune.backbones.base import ImageConfig
 from finetune.backbones.layout import Layout, discover_layout
 from finetune.batch import model_inputs
 from finetune.data.transforms import TARGETS
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, require
 from finetune.export import write_atomically, write_model
 from finetune.strategies import Strategy
 from finetune.tasks.base import FinetuneTask, Monitor
@@ -64,6 +64,9 @@ class ClassificationTask(FinetuneTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, strategy, **kwargs)
+        require(
+            0 <= label_smoothing < 1, "model.label_smoothing", f"must be in [0, 1), got {label_smoothing}"
+        )
         self.labels = list(labels) if labels is not None else None
         self.label_smoothing = label_smoothing
         self.image_config = ImageConfig.of(image_config) if image_config is not None else None

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from finetune.cli import main
-from tests.helpers.recipes import text_recipe, write
+from tests.helpers.recipes import image_recipe, text_recipe, write
 
 CASES = yaml.safe_load((Path(__file__).with_name("cases.yaml")).read_text())
 
@@ -49,7 +49,7 @@ def run_with_cut_checkpoint(trained_run, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_bad_input_gets_one_line_naming_its_key(
-    case, tiny_bert_dir, text_csv, tmp_path, capsys, request, monkeypatch
+    case, tiny_bert_dir, text_csv, image_folder, tiny_timm_checkpoint, tmp_path, capsys, request, monkeypatch
 ):
     if case.get("needs_no_gpu") and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -59,7 +59,11 @@ def test_bad_input_gets_one_line_naming_its_key(
         if any(f"{{{name}}}" in str(arg) for arg in case.get("args", [])):
             fixture = "trained_run" if name == "run" else name
             places[name] = str(request.getfixturevalue(fixture))
+    images = tmp_path / "images"
+    if case.get("base") == "image":
+        shutil.copytree(image_folder, images)
     for name, text in case.get("files", {}).items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     recipe = tmp_path / "recipe.yaml"
     if "recipe_bytes" in case:
@@ -67,7 +71,10 @@ def test_bad_input_gets_one_line_naming_its_key(
     elif "recipe_text" in case:
         recipe.write_text(case["recipe_text"])
     else:
-        base = text_recipe(tiny_bert_dir, text_csv, tmp_path / "runs")
+        if case.get("base") == "image":
+            base = image_recipe(tiny_timm_checkpoint, images, tmp_path / "runs")
+        else:
+            base = text_recipe(tiny_bert_dir, text_csv, tmp_path / "runs")
         write(merge(base, case.get("patch", {})), recipe)
     args = [str(arg).format(**places) for arg in case.get("args", [])]
     command = case.get("command", "fit")
