@@ -202,6 +202,30 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
         types = {"input_ids": "uint16" if len(self.tokenizer) <= 2**16 else "int32", "token_type_ids": "int8"}
         return Features({name: List(Value(types.get(name, "int32"))) for name in names})
 
+    def describe_data(self) -> str:
+        """What the run plan shows about the data: each split's rows and where they are kept, or the
+        stream and how far the run reads it; a line each."""
+        sizes = {split: self.split_rows(split) for split in ("train", "val", "test")}
+        counts = ", ".join(f"{split} {len(rows):,}" for split, rows in sizes.items() if rows is not None)
+        workers = self.workers(self.split_dataset("train"))
+        lines = [f"rows: {counts or 'none'} (memory-mapped Arrow files in {self.cache})"]
+        if self.streaming:
+            lines[0] = lines[0].replace("rows: ", "rows besides train: ", 1)
+            files = self._train_files()
+            lines.append(
+                f"train: streamed from {len(files)} file(s), rows unknown; a shuffling buffer of "
+                f"{self.shuffle_buffer:,} rows; the position is saved in checkpoints"
+            )
+            trainer = self.trainer
+            if trainer is not None and trainer.max_steps > 0:
+                per_step = self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+                lines.append(
+                    f"the run ends at trainer.max_steps = {trainer.max_steps:,} optimizer steps "
+                    f"({trainer.max_steps * per_step:,} rows at {per_step:,} a step)"
+                )
+        lines.append(f"loader workers per process: {workers}")
+        return "\n".join(lines)
+
     # --- streaming -------------------------------------------------------------------------------------
 
     @override

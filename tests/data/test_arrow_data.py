@@ -185,6 +185,17 @@ def test_datasets_pickle_as_file_references(tmp_path, bert_backbone):
     assert [dict(item) for item in copy.__getitems__(rows_wanted)] == dataset.__getitems__(rows_wanted)
 
 
+def test_the_plan_can_say_how_many_rows_each_split_has(text_csv, bert_backbone, tmp_path):
+    data = TextClassificationData(
+        train=str(text_csv), backbone=bert_backbone, test_fraction=0.2, cache_dir=str(tmp_path)
+    )
+    data.setup("fit")
+    assert data.describe_data().splitlines() == [
+        f"rows: train 56, val 8, test 16 (memory-mapped Arrow files in {tmp_path})",
+        "loader workers per process: 0",
+    ]
+
+
 def test_default_workers_none_for_small_splits_else_cpus_per_process(text_csv, bert_backbone, monkeypatch):
     from finetune.data import loaders
 

@@ -139,6 +139,16 @@ def test_what_a_stream_cannot_do_is_refused_at_load(stream_csv, bert_backbone, k
     assert info.value.key == key
 
 
+def test_the_plan_can_say_how_far_the_run_reads_the_stream(stream_csv, bert_backbone):
+    data = stream_data(bert_backbone, str(stream_csv), num_workers=0)
+    fit = trainer(25)
+    fit.fit(Recorder(), datamodule=data)
+    lines = data.describe_data().splitlines()
+    assert lines[1].startswith("train: streamed from 1 file(s), rows unknown; a shuffling buffer of 8 rows")
+    assert lines[2] == "the run ends at trainer.max_steps = 25 optimizer steps (100 rows at 4 a step)"
+    assert lines[3] == "loader workers per process: 0"
+
+
 def test_labels_are_read_from_the_stream_when_not_given(stream_csv, bert_backbone):
     data = stream_data(bert_backbone, str(stream_csv), labels=None)
     assert data.labels == ["neg", "pos"]
