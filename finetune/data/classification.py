@@ -178,7 +178,14 @@ class ClassificationData(LoaderDataModule, ABC):
     def labels(self) -> list[str]:
         """Class names in class-index order: ``labels`` if given, else those of all train rows (before holding out)."""
         if self._labels is None:
-            self._labels = self._resolve_labels()
+            labels = self._resolve_labels()
+            require(
+                len(labels) >= 2,
+                "data.label_column",
+                f"{self.label_column!r} holds one class ({labels[0]!r}); a classifier needs two or more: check "
+                "the column, or list the classes in data.labels",
+            )
+            self._labels = labels
         return list(self._labels)
 
     def _resolve_labels(self) -> list[str]:
@@ -298,7 +305,10 @@ class ClassificationData(LoaderDataModule, ABC):
     def _predict_split(self) -> dict[str, SplitRows | None]:
         rows = self._load("predict")
         if rows is None:
-            rows = next((t for t in (self.split_rows("test"), self.split_rows("val")) if t is not None), None)
+            named = [(name, self.split_rows(name)) for name in ("test", "val")]
+            name, rows = next(((n, t) for n, t in named if t is not None), (None, None))
+            if name is not None:
+                logger.warning("no data.predict: predicting on the %s split", name)
         return {"predict": rows}
 
     # --- Lightning hooks ------------------------------------------------------------------------------

@@ -172,6 +172,9 @@ class DecodedText(io.RawIOBase):
                     "data.encoding", f"unknown encoding {encoding!r}; use e.g. utf-8, cp1252, latin-1"
                 ) from None
         self._file = path.open("rb")
+        if encoding == "auto":
+            self._decoder = _bom_decoder(self._file.read(4), path.name)
+            self._file.seek(0)
         self._pending = b""  # undecoded bytes: the start of a character cut by the block's end
         self._read = 0  # bytes read from the file
         self._out = b""
@@ -263,3 +266,19 @@ def table_files(path: Path, key: str) -> list[Path]:
             f"{path} is a folder without table files; give a table file ({', '.join(FORMATS)}) or a folder of them",
         )
     return files
+
+
+def _bom_decoder(head: bytes, name: str) -> Any:
+    """A decoder for a file that starts with a byte-order mark (UTF-16/32 exports of spreadsheets, UTF-8 with
+    BOM), which plain UTF-8 would read as garbage; None for other files (read as UTF-8)."""
+    for bom, encoding in (
+        (codecs.BOM_UTF32_LE, "utf-32"),
+        (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+        (codecs.BOM_UTF8, "utf-8-sig"),
+    ):
+        if head.startswith(bom):
+            logger.info("%s starts with a %s byte-order mark: read as %s", name, encoding.upper(), encoding)
+            return codecs.getincrementaldecoder(encoding)("strict")
+    return None

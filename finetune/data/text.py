@@ -103,6 +103,11 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
         """
         super().__init__(**kwargs)
         require(max_length > 0, "data.max_length", f"must be 1 or more, got {max_length}")
+        require(
+            text_column not in (self.label_column, text_pair_column),
+            "data.text_column",
+            f"{text_column!r} is also the label (or pair) column; name the column that holds the text",
+        )
         require(shuffle_buffer > 0, "data.shuffle_buffer", f"must be 1 or more, got {shuffle_buffer}")
         require(num_proc is None or num_proc > 0, "data.num_proc", f"must be 1 or more, got {num_proc}")
         if streaming:
@@ -172,7 +177,12 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
 
     def _truncation(self) -> int:
         # Never truncate beyond what the model accepts; tokenizers without a limit report a huge number.
-        return min(self.max_length, self.tokenizer.model_max_length)
+        limit = self.tokenizer.model_max_length
+        if self.max_length > limit:
+            logger.warning(
+                "data.max_length %d is above the model's limit; texts are cut at %d", self.max_length, limit
+            )
+        return min(self.max_length, limit)
 
     @override
     def make_dataset(self, rows: Any, split: str, label_ids: LabelIds | None) -> TokenizedDataset:
