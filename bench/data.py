@@ -7,7 +7,9 @@ and a tiny word-level BERT for them, then measures each configuration in a fresh
   training ``DataLoader`` and its first 1,000 batches (no model). Reports the set-up time (module built to
   loader ready), RSS after the imports and the process's peak RSS. Run twice per size (``--runs``): the
   first run starts from an empty cache folder, the second reuses what the first wrote.
-- ``plan``: ``python -m finetune plan`` on a recipe training the tiny BERT on the CSV, and its peak RSS.
+- ``plan``: ``python -m finetune plan`` on a recipe training the tiny BERT on the CSV, and its peak RSS:
+  once with a cache of its own (cold: it converts and tokenises), once with the loader runs' (warm).
+- ``loader (streaming)`` (``--streaming``): the same loader with ``streaming: true``.
 
 Peak RSS is the kernel's high-water mark of the measured process's own memory (``VmHWM``): ``ru_maxrss``
 would also count the RSS of the process that started it (Linux keeps it across ``exec``).
@@ -65,7 +67,7 @@ def memory(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def measure_loader(csv: str, model: str, batches: int, workers: int) -> dict:
+def measure_loader(csv: str, model: str, batches: int, workers: int, streaming: bool = False) -> dict:
     """Runs in the measured process: build the data and its loader, then draw ``batches`` batches."""
     import torch
 
@@ -74,7 +76,8 @@ def measure_loader(csv: str, model: str, batches: int, workers: int) -> dict:
     torch.set_num_threads(1)
     imported = memory("VmRSS")
     start = time.perf_counter()
-    data = TextClassificationData(train=csv, backbone=model, batch_size=32, num_workers=workers)
+    options = {"streaming": True, "val_fraction": 0, "labels": list(LABELS)} if streaming else {}
+    data = TextClassificationData(train=csv, backbone=model, batch_size=32, num_workers=workers, **options)
     data.setup("fit")
     loader = data.train_dataloader()
     setup_s = time.perf_counter() - start
@@ -168,11 +171,15 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
     for rows in args.rows:
         csv = work / f"texts-{rows}.csv"
         run_capped([*script, "--generate", str(rows), str(csv)], env, work, cap)
-        env["HF_DATASETS_CACHE"] = str(work / f"cache-{rows}")  # a cold cache per size
         recipe = write_recipe(work / f"recipe-{rows}.yaml", csv, model)
         child = [*script, "--batches", str(args.batches), "--child"]
-        runs = [(f"loader (run {n + 1})", [*child, "loader", str(csv), str(model)]) for n in range(args.runs)]
-        for what, command in [*runs, ("plan", [*child, "plan", str(recipe)])]:
+        loader, plan = [*child, "loader", str(csv), str(model)], [*child, "plan", str(recipe)]
+        steps = [(f"loader (run {n + 1})", loader, "") for n in range(args.runs)]
+        steps += [("plan (cold cache)", plan, "-plan"), ("plan (warm cache)", plan, "")]
+        if args.streaming:
+            steps.append(("loader (streaming)", [*child, "stream", str(csv), str(model)], "-stream"))
+        for what, command, cache in steps:
+            env["HF_DATASETS_CACHE"] = str(work / f"cache-{rows}{cache}")  # each cold cache starts empty
             finished, text, seconds = run_capped(command, env, work, cap)
             last = [line for line in text.splitlines() if line.startswith("{")][-1:] if finished else []
             numbers = json.loads(last[0]) if last else {"peak_mib": None}
@@ -202,6 +209,9 @@ def main() -> None:
     parser.add_argument(
         "--runs", type=int, default=2, help="loader runs per size (the first fills the cache)"
     )
+    parser.add_argument(
+        "--streaming", action="store_true", help="also measure the loader with streaming: true"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=2, metavar=("ROWS", "CSV"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,9 +220,10 @@ def main() -> None:
         return
     if args.child:
         kind, *rest = args.child
-        numbers = (
-            measure_loader(*rest, args.batches, args.workers) if kind == "loader" else measure_plan(*rest)
-        )
+        if kind == "plan":
+            numbers = measure_plan(*rest)
+        else:
+            numbers = measure_loader(*rest, args.batches, args.workers, streaming=kind == "stream")
         print(json.dumps(numbers))
         return
     with tempfile.TemporaryDirectory() as temporary:
