@@ -178,14 +178,7 @@ class ClassificationData(LoaderDataModule, ABC):
     def labels(self) -> list[str]:
         """Class names in class-index order: ``labels`` if given, else those of all train rows (before holding out)."""
         if self._labels is None:
-            labels = self._resolve_labels()
-            require(
-                len(labels) >= 2,
-                "data.label_column",
-                f"{self.label_column!r} holds one class ({labels[0]!r}); a classifier needs two or more: check "
-                "the column, or list the classes in data.labels",
-            )
-            self._labels = labels
+            self._labels = self._resolve_labels()
         return list(self._labels)
 
     def _resolve_labels(self) -> list[str]:
@@ -201,6 +194,12 @@ class ClassificationData(LoaderDataModule, ABC):
                 raise RecipeError(
                     "data.train", "no train data to read the class labels from; set data.train or data.labels"
                 )
+            require(
+                len(found) >= 2,
+                "data.label_column",
+                f"{self.label_column!r} holds one class ({found[0]!r}); a classifier needs two or more: check "
+                "the column, or list the classes in data.labels",
+            )
             return found
         unknown = sorted(set(found or ()) - set(self.given_labels))
         if unknown:
