@@ -33,9 +33,17 @@ def run_plan(trainer: pl.Trainer, module: pl.LightningModule, placement: Placeme
         ("Blocks (bottom to top)", blocks_table(trainer, module)),
         ("Steps and schedule", schedule_lines(trainer)),
         ("Training memory per device (estimate)", memory_table(trainer, module, placement)),
+        ("Data", data_lines(trainer)),
         ("Image preparation", image_lines(trainer)),
     ]
     return "\n\n".join(f"{title}\n{body}" for title, body in sections if body)
+
+
+def data_lines(trainer: pl.Trainer) -> str:
+    """Rows per split and where they are kept, or the stream and how far the run reads it
+    (``describe_data`` of finetune's text data); empty for other data."""
+    describe = getattr(getattr(trainer, "datamodule", None), "describe_data", None)
+    return describe() if callable(describe) else ""
 
 
 def image_lines(trainer: pl.Trainer) -> str:

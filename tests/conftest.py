@@ -10,6 +10,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Converted and tokenised tables go to a folder of this test session, not the user's cache.
+os.environ["HF_DATASETS_CACHE"] = __import__("tempfile").mkdtemp(prefix="finetune-tests-datasets-")
 
 import csv  # noqa: E402
 import random  # noqa: E402
