@@ -6,12 +6,13 @@ Nothing here touches the network: HF_HUB_OFFLINE is set before any Hugging Face 
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Converted and tokenised tables go to a folder of this test session, not the user's cache.
-os.environ["HF_DATASETS_CACHE"] = __import__("tempfile").mkdtemp(prefix="finetune-tests-datasets-")
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="finetune-tests-datasets-")
 
 import csv  # noqa: E402
 import random  # noqa: E402
