@@ -95,8 +95,8 @@ class ImageClassificationData(ClassificationData):
             path_column: in table files, the column holding image paths (relative ones are read from the
                 table's folder).
             image_size: the input size, an int (square) or [height, width]; default: the model's.
-            augment: training augmentation: ``none`` (as evaluation), ``light`` (crops of 75-100% of the
-                area, flips), ``timm`` (timm's ImageNet default: crops of 8-100%, flips, colour jitter),
+            augment: training augmentation: ``none`` (as evaluation; the default, chosen by measurement:
+                see ``finetune.data.transforms.ImagePreparation``), ``light`` (crops of 75-100% of the area, flips), ``timm`` (timm's ImageNet default: crops of 8-100%, flips, colour jitter),
                 ``randaugment``, ``trivialaugment``, ``autoaugment``, or a timm auto-augment string
                 (``rand-m9-mstd0.5``).
             scale: the random crop's area range [min, max] in (0, 1]; default: the augmentation's.

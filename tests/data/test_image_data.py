@@ -46,10 +46,18 @@ def test_class_folders_give_labels_and_pixel_values(image_folder, vit_backbone, 
 
 
 def test_only_the_train_split_gets_the_train_transform(image_folder, vit_backbone):
-    data = ImageClassificationData(train=str(image_folder), backbone=vit_backbone)
+    data = ImageClassificationData(train=str(image_folder), backbone=vit_backbone, augment="timm")
     data.setup("fit")
     assert "RandomResizedCrop" in repr(data.split_dataset("train").transform)
     assert "RandomResizedCrop" not in repr(data.split_dataset("val").transform)
+
+
+def test_by_default_training_images_are_prepared_as_evaluation(image_folder, vit_backbone):
+    data = ImageClassificationData(train=str(image_folder), backbone=vit_backbone)
+    data.setup("fit")
+    train, val = data.split_dataset("train").transform, data.split_dataset("val").transform
+    assert repr(train) == repr(val) and "Random" not in repr(train)
+    assert data.split_dataset("train").mixer is None
 
 
 def test_tables_resolve_paths_from_their_folder(image_table, vit_backbone, input_shape):
