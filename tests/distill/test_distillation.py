@@ -176,7 +176,9 @@ def test_cache_is_refused_with_augmenting_image_transforms(tiny_timm_checkpoint,
     from finetune.data import ImageClassificationData
 
     backbone = {"name": "timm:test_vit", "checkpoint": str(tiny_timm_checkpoint)}
-    data = ImageClassificationData(train=str(image_folder), val_fraction=0.0, batch_size=4, backbone=backbone)
+    data = ImageClassificationData(
+        train=str(image_folder), val_fraction=0.0, batch_size=4, backbone=backbone, augment="light"
+    )
     distillation = Distillation(teacher=backbone, cache_teacher=True)
     with pytest.raises(RecipeError, match="cache_teacher: the train transform augments .*Random"):
         fit(ClassificationTask(backbone), data, [distillation], tmp_path)
