@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from finetune.tasks import ClassificationTask, FinetuneTask, SFTTask
+    from finetune.tasks import FinetuneTask, SFTTask
 
 
 def write_atomically(directory: Path, write: Any) -> Path:
@@ -61,20 +60,6 @@ def write_model(
         save_plain(merged_model(task), target)
     else:
         save_adapter(task.model, target, base_model=task.backbone.name)
-
-
-def export_classifier(task: ClassificationTask, directory: Path, merge: bool = False) -> Path:
-    """Export ``task.model`` (HF ``save_pretrained`` folder or timm ``config.json`` + safetensors, or the
-    adapters alone) and its labels."""
-
-    def save_plain(model: Any, target: Path) -> None:
-        task.loader.export(model, target, task.labels, task.backbone)
-
-    def write(target: Path) -> None:
-        write_model(task, target, merge, save_plain)
-        (target / "labels.json").write_text(json.dumps(task.labels, indent=2))
-
-    return write_atomically(directory, write)
 
 
 def export_causal_lm(task: SFTTask, directory: Path, merge: bool = False) -> Path:

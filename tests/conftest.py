@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.helpers.models import make_lm_tokenizer, make_tokenizer, save_llama, sentence  # noqa: E402
+from tests.helpers.models import make_lm_tokenizer, save_llama, save_tiny_bert, sentence  # noqa: E402
 from tests.helpers.workdir import entries, new_entries  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -39,22 +39,7 @@ def _writes_nothing_into_the_repository():
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT with its tokenizer, saved as a Hugging Face folder."""
-    import torch
-    from transformers import AutoModel, BertConfig
-
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = make_tokenizer(directory)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(directory)
-    return directory
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

@@ -110,3 +110,24 @@ def export_classifier(backbone: Path | dict, labels: list[str], directory: Path)
     task = ClassificationTask(backbone if isinstance(backbone, dict) else str(backbone), labels=labels)
     task.configure_model()
     return task.export(directory)
+
+
+def save_tiny_bert(directory: Path, dropout: float = 0.1) -> Path:
+    """A 2-layer, 32-wide random BERT (seed 0) with the word-level tokenizer, saved in ``directory``."""
+    import torch
+    from transformers import AutoModel, BertConfig
+
+    tokenizer = make_tokenizer(directory)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(directory)
+    return directory

@@ -16,7 +16,7 @@ import torch
 from finetune.parallel.placement import is_sharded
 from finetune.runs import load_checkpoint
 from finetune.tasks import ClassificationTask
-from tests.helpers.models import bert_folder, export_classifier, make_tokenizer
+from tests.helpers.models import bert_folder, export_classifier, save_tiny_bert
 from tests.helpers.parallel_run import LABELS, run_case
 
 SCRIPT = Path(__file__).parents[1] / "helpers" / "parallel_run.py"
@@ -45,23 +45,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def bert_without_dropout(tmp_path_factory) -> Path:
     """A tiny BERT whose forward is deterministic (no dropout), so process counts can be compared."""
-    from transformers import AutoModel, BertConfig
-
-    directory = tmp_path_factory.mktemp("bert-no-dropout")
-    tokenizer = make_tokenizer(directory)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(directory)
-    return directory
+    return save_tiny_bert(tmp_path_factory.mktemp("bert-no-dropout"), dropout=0.0)
 
 
 def case(name: str, root: Path, backbones: dict, teacher: Path, **extra) -> dict:
