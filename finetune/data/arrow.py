@@ -121,6 +121,24 @@ def cached_map(
     )
 
 
+def memory_mapped(frame: pd.DataFrame, folder: Path, key: str) -> datasets.Dataset:
+    """``frame`` written to ``folder/<key>.arrow`` (once: ``key`` must fingerprint its content) and opened
+    memory-mapped from there, so the caller can drop the frame."""
+    import datasets
+
+    target = folder / f"{key}.arrow"
+    if not target.is_file():
+        _write_chunks([frame], target)
+    return datasets.Dataset.from_file(str(target))
+
+
+def column_values(dataset: datasets.Dataset, column: str) -> Iterator[Any]:
+    """Every value of ``column``, in row order, read ``SCAN_ROWS`` at a time through a copy that is dropped
+    after the scan (``reopened``)."""
+    for batch in reopened(dataset).data.select([column]).to_batches(max_chunksize=SCAN_ROWS):
+        yield from batch.column(0).to_pylist()
+
+
 def reopened(dataset: datasets.Dataset) -> datasets.Dataset:
     """``dataset`` opened anew from its Arrow files (an in-memory one as it is).
 

@@ -1,7 +1,7 @@
 """What text and image classification data share: splits, the label list and batching of table rows.
 
-A split's rows are a pandas DataFrame (image path tables) or a memory-mapped Arrow ``datasets.Dataset``
-(text); ``finetune.data.rows`` gives both one contract, so splitting and labelling are written once.
+A split's rows are a memory-mapped Arrow ``datasets.Dataset`` (texts, or image paths) behind the
+``finetune.data.rows.SplitRows`` contract, so splitting and labelling are written once.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
@@ -22,11 +21,15 @@ from typing_extensions import override
 from finetune.batch import INDEX, LABELS, NOT_MODEL_INPUTS
 from finetune.data.labels import checked_labels, sorted_labels
 from finetune.data.loaders import LoaderDataModule
-from finetune.data.rows import FrameRows, LabelIds, SplitRows
+from finetune.data.arrow import read_arrow
+from finetune.data.rows import ArrowRows, LabelIds, SplitRows
 from finetune.data.splits import check_hold_out, hold_out
-from finetune.data.tables import read_table
+from finetune.data.tables import table_files
 from finetune.errors import RecipeError, require
 from finetune.paths import resolve_path
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +43,9 @@ MISSING_SPLIT_FIX = {
 
 
 class NamedTable(NamedTuple):
-    """A split's rows (a DataFrame, or ``SplitRows`` such as Arrow rows) and the name used for it in error
-    messages (usually the file name)."""
+    """A split's rows and the name used for it in error messages (usually the file name)."""
 
-    rows: pd.DataFrame | SplitRows
+    rows: SplitRows
     name: str
 
 
@@ -167,10 +169,10 @@ class ClassificationData(LoaderDataModule, ABC):
         return self.read_path(resolve_path(source, key), key)
 
     def read_path(self, path: Path, key: str) -> NamedTable:
-        """Read one split's file; subclasses accept other layouts (image folders)."""
-        if path.is_dir():
-            raise RecipeError(key, f"{path} is a folder; give a table file (.csv, .tsv, .jsonl, .parquet)")
-        return NamedTable(read_table(path, key, self.encoding), path.name)
+        """One split's table file, or folder of table files read as shards in name order, as memory-mapped
+        Arrow (converted into ``cache`` on first use); subclasses accept other layouts (image folders)."""
+        dataset, print_ = read_arrow(table_files(path, key), key, self.encoding, self.cache)
+        return NamedTable(ArrowRows(dataset, print_, self.cache), path.name)
 
     # --- labels ----------------------------------------------------------------------------------------
 
@@ -248,9 +250,9 @@ class ClassificationData(LoaderDataModule, ABC):
 
     # --- splits ------------------------------------------------------------------------------------------
 
-    def table(self, split: str) -> pd.DataFrame | Any | None:
-        """The rows of ``split`` (row ``i`` has ``index`` ``i`` in batches), or None when there are none: a
-        memory-mapped ``datasets.Dataset`` for text, a DataFrame for image path tables."""
+    def table(self, split: str) -> datasets.Dataset | None:
+        """The rows of ``split`` as a memory-mapped ``datasets.Dataset`` (row ``i`` has ``index`` ``i`` in
+        batches), or None when there are none."""
         rows = self.split_rows(split)
         return None if rows is None else rows.rows
 
@@ -260,7 +262,7 @@ class ClassificationData(LoaderDataModule, ABC):
             self._tables.update(self._predict_split() if split == "predict" else self._fit_splits())
         return self._tables[split]
 
-    def predict_table(self) -> pd.DataFrame | Any:
+    def predict_table(self) -> datasets.Dataset:
         """The rows of the predict split, in predict-loader order; join predictions on ``index``."""
         rows = self.table("predict")
         if rows is None:
@@ -271,7 +273,7 @@ class ClassificationData(LoaderDataModule, ABC):
         named = self.read_split(split)
         if named is None:
             return None
-        rows = FrameRows(named.rows) if isinstance(named.rows, pd.DataFrame) else named.rows
+        rows = named.rows
         for key, column in self.input_columns().items():
             _require_column(rows, column, key, named.name)
         if self.label_column not in rows.columns():

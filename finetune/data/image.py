@@ -1,19 +1,28 @@
-"""Image classification data: class-per-folder layouts or tables of image paths, transformed for the backbone."""
+"""Image classification data: class-per-folder layouts or tables of image paths, transformed for the backbone.
+
+The image paths of every split live in memory-mapped Arrow (``finetune.data.arrow``), as text tables do: a
+path table is converted once and its relative paths resolved once (both cached), a class-folder listing is
+written to the cache, and a batch reads its rows' paths in one gather. Images are opened when a batch is made.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from typing_extensions import override
 
 from finetune.backbones.base import ImageConfig
 from finetune.batch import LABELS
+from finetune.data.arrow import cached_map, column_values, fingerprint, memory_mapped, reopened
 from finetune.data.classification import ClassificationData, NamedTable, RowDataset
+from finetune.data.rows import ArrowRows, LabelIds
 from finetune.data.transforms import (
     DEFAULT_AUGMENT,
     BatchMixer,
@@ -24,6 +33,9 @@ from finetune.data.transforms import (
 )
 from finetune.errors import RecipeError
 
+if TYPE_CHECKING:
+    import datasets
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
@@ -32,14 +44,16 @@ IMAGE_EXTENSIONS = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".
 class ImageDataset(RowDataset):
     """Images opened on access, converted to RGB and transformed; batches stack into ``pixel_values``.
 
-    ``mixer`` (training only) mixes each labelled batch and adds its soft ``targets`` (``BatchMixer``).
+    ``paths`` is a one-column memory-mapped Arrow dataset of image paths (pickled as its file, so loader
+    workers get it cheaply). ``mixer`` (training only) mixes each labelled batch and adds its soft
+    ``targets`` (``BatchMixer``).
     """
 
     def __init__(
         self,
-        paths: list[str],
+        paths: datasets.Dataset,
         transform: Callable[[Any], torch.Tensor],
-        label_ids: list[int] | None,
+        label_ids: LabelIds | None,
         mixer: BatchMixer | None = None,
     ) -> None:
         super().__init__(len(paths), label_ids)
@@ -48,10 +62,16 @@ class ImageDataset(RowDataset):
         self.mixer = mixer
 
     def inputs(self, row: int) -> dict[str, Any]:
+        return self.inputs_of([row])[0]
+
+    def inputs_of(self, rows: list[int]) -> list[dict[str, Any]]:
         from PIL import Image
 
-        with Image.open(self.paths[row]) as image:
-            return {"pixel_values": self.transform(image.convert("RGB"))}
+        items = []
+        for path in self.paths.data.fast_gather(np.asarray(rows)).column(0).to_pylist():
+            with Image.open(path) as image:
+                items.append({"pixel_values": self.transform(image.convert("RGB"))})
+        return items
 
     def collate_inputs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
@@ -159,77 +179,99 @@ class ImageClassificationData(ClassificationData):
         return {"data.path_column": self.path_column}
 
     def read_path(self, path: Path, key: str) -> NamedTable:
-        named = self._read_paths(path, key)
+        named = self._scan(path, key) if path.is_dir() else self._read_paths(path, key)
         return NamedTable(self._readable(named.rows, key), named.name)
 
-    def _readable(self, rows: pd.DataFrame, key: str) -> pd.DataFrame:
+    def _readable(self, rows: ArrowRows, key: str) -> ArrowRows:
         """The rows whose image opens and verifies: all of them, or RecipeError listing the bad files (with
         ``skip_bad_images``: the others, with a warning). Run when a split is read, before training."""
-        if self.path_column not in rows.columns:
+        if self.path_column not in rows.columns():
             return rows  # the base class reports the missing column
-        bad = unreadable(rows[self.path_column].tolist())
+        bad = unreadable(column_values(rows.rows, self.path_column))
         if not bad:
             return rows
         if not self.skip_bad_images:
-            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            shown = ", ".join(list(bad.values())[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise RecipeError(
                 key,
                 f"{len(bad)} images cannot be read ({shown}); remove them or set data.skip_bad_images: true",
             )
         logger.warning("%s: skipped %d unreadable images of %d", key, len(bad), len(rows))
-        return rows[~rows[self.path_column].isin(set(bad))]
+        return rows.take(np.setdiff1d(np.arange(len(rows)), np.fromiter(bad, np.int64)))
 
     def _read_paths(self, path: Path, key: str) -> NamedTable:
-        if path.is_dir():
-            return NamedTable(self._scan(path, key), path.name)
+        """A table of image paths, its relative paths read from the table's folder (resolved once, cached)."""
         rows, name = super().read_path(path, key)
-        if self.path_column not in rows.columns:
+        if self.path_column not in rows.columns():
             return NamedTable(rows, name)  # the base class reports the missing column
-        rows = rows.copy()
-        rows[self.path_column] = [str(path.parent / str(p)) for p in rows[self.path_column]]
-        absent = [p for p in rows[self.path_column] if not Path(p).is_file()]
+        folder = str(path.parent)
+        resolved_print = fingerprint(rows.fingerprint, "image paths", self.path_column, folder)
+        resolved = cached_map(
+            reopened(rows.rows),
+            _resolve,
+            folder=self.cache / "paths",
+            key=resolved_print,
+            input_columns=[self.path_column],
+            fn_kwargs={"column": self.path_column, "folder": folder},
+            desc="image paths",
+        )
+        absent = [p for p in column_values(resolved, self.path_column) if not os.path.isfile(p)]
         if absent:
             raise RecipeError(
                 key,
                 f"{len(absent)} images listed in {name} do not exist, e.g. {absent[0]}; "
-                f"relative paths are read from {path.parent}",
+                f"relative paths are read from {folder}",
             )
-        return NamedTable(rows, name)
+        return NamedTable(ArrowRows(resolved, resolved_print, self.cache), name)
 
-    def _scan(self, folder: Path, key: str) -> pd.DataFrame:
-        """``FOLDER/CLASS/image`` -> rows (path, label); images directly in ``FOLDER`` -> rows without labels."""
+    def _scan(self, folder: Path, key: str) -> NamedTable:
+        """``FOLDER/CLASS/image`` -> rows (path, label); images directly in ``FOLDER`` -> rows without labels.
+        The listing is written to the cache and read back memory-mapped."""
         nested = _images(folder, "*/*")
         if nested:
-            return pd.DataFrame(
+            frame = pd.DataFrame(
                 {
                     self.path_column: [str(p) for p in nested],
                     self.label_column: [p.parent.name for p in nested],
                 }
             )
-        flat = _images(folder, "*")
-        if flat:
-            return pd.DataFrame({self.path_column: [str(p) for p in flat]})
-        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise RecipeError(key, f"{folder} has no images ({extensions}); lay it out as FOLDER/CLASS/IMAGE")
+        else:
+            flat = _images(folder, "*")
+            if not flat:
+                extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+                raise RecipeError(
+                    key, f"{folder} has no images ({extensions}); lay it out as FOLDER/CLASS/IMAGE"
+                )
+            frame = pd.DataFrame({self.path_column: [str(p) for p in flat]})
+        listing = fingerprint("image folder", frame)
+        rows = memory_mapped(frame, self.cache / "folders", listing)
+        return NamedTable(ArrowRows(rows, listing, self.cache), folder.name)
 
-    def make_dataset(self, rows: pd.DataFrame, split: str, label_ids: list[int] | None) -> ImageDataset:
+    def make_dataset(self, rows: datasets.Dataset, split: str, label_ids: LabelIds | None) -> ImageDataset:
         train = split == "train"
         mixer = batch_mixer(self.preparation, len(self.labels)) if train else None
-        return ImageDataset(rows[self.path_column].tolist(), self.transform(train), label_ids, mixer)
+        return ImageDataset(rows.select_columns([self.path_column]), self.transform(train), label_ids, mixer)
 
 
-def unreadable(paths: list[str]) -> list[str]:
-    """The paths PIL cannot open and verify (empty, truncated, not an image); reads each file once."""
+def unreadable(paths: Iterable[str]) -> dict[int, str]:
+    """The paths PIL cannot open and verify (empty, truncated, not an image), by their position in
+    ``paths``; reads each file once."""
     from PIL import Image, UnidentifiedImageError
 
-    bad = []
-    for path in paths:
+    bad = {}
+    for position, path in enumerate(paths):
         try:
             with Image.open(path) as image:
                 image.verify()
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-            bad.append(path)
+            bad[position] = path
     return bad
+
+
+def _resolve(paths: list[Any], column: str, folder: str) -> dict[str, list[str]]:
+    """Batched ``map`` step: each path read from ``folder`` (absolute ones stay as they are; a missing
+    one becomes the folder itself, which is not a file and so is reported absent)."""
+    return {column: [os.path.join(folder, "" if p is None else str(p)) for p in paths]}
 
 
 def _images(folder: Path, pattern: str) -> list[Path]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from finetune.backbones.base import Backbone
-from finetune.data.arrow import cache_folder, cached_map, fingerprint, read_arrow, reopened
+from finetune.data.arrow import cached_map, fingerprint, read_arrow, reopened
 from finetune.data.conversations import (
     IGNORE,
     ConversationChunks,
@@ -112,6 +111,7 @@ class InstructionData(TokenizerOfBackbone, LoaderDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            cache_dir=cache_dir,
         )
         check_hold_out({"val": val_fraction}, limit)
         require(max_length > 1, "data.max_length", f"must be 2 or more, got {max_length}")
@@ -122,11 +122,6 @@ class InstructionData(TokenizerOfBackbone, LoaderDataModule):
         self.max_length = max_length
         self.packing = packing
         self.num_proc = num_proc
-        self.cache_dir = cache_dir
-
-    @cached_property
-    def cache(self) -> Path:
-        return cache_folder(self.cache_dir)
 
     @cached_property
     def _splits(self) -> dict[str, ArrowRows]:

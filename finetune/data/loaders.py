@@ -1,11 +1,13 @@
 """Loader plumbing every data module shares: the seeded epoch sampler, the one DataLoader builder, and the
-base data module that holds the loader settings (seed, batch sizes, workers, backbone)."""
+base data module that holds the loader settings (seed, batch sizes, workers, backbone, cache folder)."""
 
 from __future__ import annotations
 
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sized
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from finetune.backbones.base import Backbone
+from finetune.data.arrow import cache_folder
 from finetune.errors import RecipeError, require
 
 
@@ -128,6 +131,7 @@ class LoaderDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -137,6 +141,9 @@ class LoaderDataModule(pl.LightningDataModule):
             eval_batch_size: batch size for validation, test and predict; default: ``batch_size``.
             num_workers: data loading worker processes; 0 loads in the main process. Default: 0 for a
                 split of fewer than 10,000 rows, else min(4, CPUs per process - 1).
+            cache_dir: folder for the data converted to memory-mapped Arrow (tables, tokens, class ids);
+                default: ``$HF_DATASETS_CACHE/finetune``. Entries are never invalidated in place: a changed
+                file or setting writes new ones.
         """
         super().__init__()
         require(seed >= 0, "data.seed", f"must be 0 or more, got {seed}")
@@ -156,7 +163,13 @@ class LoaderDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.cache_dir = cache_dir
         self.resume_skip = 0  # batches the next train loader's first pass skips (mid-epoch resume)
+
+    @cached_property
+    def cache(self) -> Path:
+        """The folder of converted and cached data (``cache_dir`` or its default)."""
+        return cache_folder(self.cache_dir)
 
     def backbone_spec(self) -> Backbone:
         """The backbone that decides the preprocessing; RecipeError when the recipe sets none."""

@@ -1,8 +1,8 @@
-"""A split's rows for ``ClassificationData``, behind one small contract: a pandas DataFrame (small tables,
-such as image paths) or a memory-mapped Arrow ``datasets.Dataset`` (text tables of any size).
+"""A split's rows for ``ClassificationData``, behind one small contract (``SplitRows``): ``ArrowRows`` holds
+them as a memory-mapped Arrow ``datasets.Dataset`` (texts or image paths, tables of any size).
 
-Labels are compared as text either way: a cell's label is ``str(value)`` (what ``astype(str)`` gives in pandas),
-and a Hugging Face ``ClassLabel`` id is its class name (-1, unlabelled, is a missing label).
+Labels are compared as text: a cell's label is ``str(value)``, and a Hugging Face ``ClassLabel`` id is its
+class name (-1, unlabelled, is a missing label).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pandas as pd
 
 from finetune.data.arrow import cached_map, fingerprint, reopened, write_rows
 
@@ -54,43 +53,17 @@ class LabelIds(Protocol):
     def take(self, rows: Sequence[int]) -> np.ndarray: ...
 
 
-class _Sized:
-    rows: Any
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
 @dataclass(frozen=True, eq=False)
-class FrameRows(_Sized):
-    """A split held as a pandas DataFrame."""
-
-    rows: pd.DataFrame
-
-    def columns(self) -> list[str]:
-        return list(self.rows.columns)
-
-    def missing(self, column: str) -> int:
-        return int(self.rows[column].isna().sum())
-
-    def take(self, indices: np.ndarray) -> FrameRows:
-        return FrameRows(self.rows.iloc[indices].reset_index(drop=True))
-
-    def label_names(self, column: str) -> set[str]:
-        return set(self.rows[column].astype(str))
-
-    def label_ids(self, column: str, index: Mapping[str, int]) -> np.ndarray:
-        return np.array([index[label] for label in self.rows[column].astype(str)], dtype=np.int64)
-
-
-@dataclass(frozen=True, eq=False)
-class ArrowRows(_Sized):
+class ArrowRows:
     """A split held as a memory-mapped ``datasets.Dataset``; ``fingerprint`` identifies its rows, and
     derived columns (class ids) are cached in ``cache``."""
 
     rows: datasets.Dataset
     fingerprint: str
     cache: Path
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def columns(self) -> list[str]:
         return list(self.rows.column_names)

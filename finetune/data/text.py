@@ -18,7 +18,7 @@ import torch
 from typing_extensions import override
 
 from finetune.batch import INDEX, LABELS
-from finetune.data.arrow import cache_folder, cached_map, fingerprint, read_arrow, reopened
+from finetune.data.arrow import cached_map, fingerprint, reopened
 from finetune.data.classification import ClassificationData, NamedTable, RowDataset
 from finetune.data.labels import sorted_labels
 from finetune.data.rows import ArrowRows, LabelIds
@@ -81,7 +81,6 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
         streaming: bool = False,
         shuffle_buffer: int = 10_000,
         num_proc: int | None = None,
-        cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -97,9 +96,6 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
             shuffle_buffer: with ``streaming``, rows held in the seeded shuffling buffer (more: a better
                 shuffle, more memory).
             num_proc: processes tokenising each split (default: this one; fast tokenizers also use threads).
-            cache_dir: folder for the converted tables and tokenised splits; default:
-                ``$HF_DATASETS_CACHE/finetune``. Entries are never invalidated in place: a changed file or
-                setting writes new ones.
         """
         super().__init__(**kwargs)
         require(max_length > 0, "data.max_length", f"must be 1 or more, got {max_length}")
@@ -121,7 +117,6 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
         self.streaming = streaming
         self.shuffle_buffer = shuffle_buffer
         self.num_proc = num_proc
-        self.cache_dir = cache_dir
         self._stream_position = StreamPosition()
 
     def input_columns(self) -> dict[str, str]:
@@ -130,17 +125,7 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
             columns["data.text_pair_column"] = self.text_pair_column
         return columns
 
-    @cached_property
-    def cache(self) -> Path:
-        return cache_folder(self.cache_dir)
-
     # --- reading ---------------------------------------------------------------------------------------
-
-    @override
-    def read_path(self, path: Path, key: str) -> NamedTable:
-        files = table_files(path, key)
-        dataset, print_ = read_arrow(files, key, self.encoding, self.cache)
-        return NamedTable(ArrowRows(dataset, print_, self.cache), path.name)
 
     @override
     def read_split(self, split: str) -> NamedTable | None:

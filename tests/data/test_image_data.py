@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from finetune.data import ImageClassificationData
+from finetune.data import image as image_data
+from finetune.data.splits import hold_out
 from finetune.errors import RecipeError
 
 
@@ -41,8 +43,21 @@ def test_class_folders_give_labels_and_pixel_values(image_folder, vit_backbone, 
     batch = next(iter(data.train_dataloader()))
     assert batch["pixel_values"].shape == (5, *input_shape)
     assert batch["pixel_values"].is_floating_point()
-    folders = [p.split("/")[-2] for p in data.table("train").iloc[batch["index"].tolist()]["path"]]
+    folders = [p.split("/")[-2] for p in data.table("train").select(batch["index"].tolist())["path"]]
     assert [data.labels[i] for i in batch["labels"].tolist()] == folders
+
+
+def test_splits_are_memory_mapped_and_hold_out_the_seeded_rows(image_folder, vit_backbone):
+    """The same rows as holding out from the sorted folder listing with ``hold_out`` (what the DataFrame
+    version kept), and every split read from an Arrow file in the cache rather than held in memory."""
+    data = ImageClassificationData(train=str(image_folder), backbone=vit_backbone, val_fraction=0.25, seed=3)
+    data.setup("fit")
+    listing = sorted(str(p) for p in image_folder.glob("*/*.png"))
+    picked = hold_out(len(listing), {"val": 0.25}, 3, None)
+    for split in ("train", "val"):
+        assert data.table(split)["path"] == [listing[i] for i in picked[split]]
+        assert data.table(split).cache_files, f"{split} is not memory-mapped"
+    assert data.split_dataset("train").paths.cache_files
 
 
 def test_only_the_train_split_gets_the_train_transform(image_folder, vit_backbone):
@@ -72,7 +87,21 @@ def test_tables_resolve_paths_from_their_folder(image_table, vit_backbone, input
     batch = next(iter(data.predict_dataloader()))
     assert batch["pixel_values"].shape == (4, *input_shape)
     assert batch["labels"].tolist() == [0, 0, 1, 1]
-    assert data.predict_table()["file"].str.startswith(str(image_table.parent)).all()
+    assert all(path.startswith(str(image_table.parent)) for path in data.predict_table()["file"])
+
+
+def test_resolved_paths_are_cached(image_table, vit_backbone, monkeypatch):
+    """A second build of the same table reads its resolved paths from the cache instead of resolving them."""
+
+    def build():
+        data = ImageClassificationData(
+            predict=str(image_table), path_column="file", label_column="kind", labels=["red", "blue"]
+        )
+        return data.predict_table()["file"]
+
+    first = build()
+    monkeypatch.setattr(image_data, "_resolve", lambda *args, **kwargs: pytest.fail("resolved again"))
+    assert build() == first
 
 
 def test_a_flat_folder_predicts_without_labels(tmp_path, image_folder, vit_backbone):
