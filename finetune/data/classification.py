@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from finetune.batch import INDEX, LABELS, NOT_MODEL_INPUTS
+from finetune.data.arrow import read_arrow
 from finetune.data.labels import checked_labels, sorted_labels
 from finetune.data.loaders import LoaderDataModule
-from finetune.data.arrow import read_arrow
 from finetune.data.rows import ArrowRows, LabelIds, SplitRows
 from finetune.data.splits import check_hold_out, hold_out
 from finetune.data.tables import table_files
