@@ -31,9 +31,16 @@ class BackboneLoader(Protocol):
         """True when a local folder holds a model of this family."""
 
     def load_classifier(
-        self, source: str, backbone: Backbone, labels: list[str], options: Mapping[str, Any]
+        self,
+        source: str,
+        backbone: Backbone,
+        labels: list[str],
+        options: Mapping[str, Any],
+        per_token: bool = False,
     ) -> Classifier:
-        """Load with a new head for ``labels``; ``options`` come from the strategy (``Strategy.load_options``)."""
+        """Load with a new head for ``labels``; ``options`` come from the strategy (``Strategy.load_options``).
+        ``per_token``: a head that classifies every token (token classification) instead of the whole input;
+        ``RecipeError`` if the family has none."""
 
     def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
         """Load a decoder-only language model with its LM head; raise ``RecipeError`` if the family has none."""
@@ -194,9 +201,12 @@ class Backbone:
     def family(self) -> str:
         return self.resolve()[0].family
 
-    def load_classifier(self, labels: list[str], options: Mapping[str, Any] | None = None) -> Classifier:
+    def load_classifier(
+        self, labels: list[str], options: Mapping[str, Any] | None = None, per_token: bool = False
+    ) -> Classifier:
+        """The model with a new head for ``labels``, per input or, with ``per_token``, per token."""
         loader, source = self.resolve()
-        return loader.load_classifier(source, self, labels, options or {})
+        return loader.load_classifier(source, self, labels, options or {}, per_token=per_token)
 
     def load_causal_lm(self, options: Mapping[str, Any] | None = None) -> Any:
         loader, source = self.resolve()

@@ -30,7 +30,7 @@ def _reading(source: str, what: str, load: Callable[[], Any]) -> Any:
 
 
 class HFLoader:
-    """Loads ``AutoModelFor{Sequence,Image}Classification`` with a new head sized to the labels."""
+    """Loads ``AutoModelFor{Sequence,Image,Token}Classification`` with a new head sized to the labels."""
 
     family = "hf"
 
@@ -39,7 +39,12 @@ class HFLoader:
         return config.is_file() and "model_type" in json.loads(config.read_text())
 
     def load_classifier(
-        self, source: str, backbone: Backbone, labels: list[str], options: Mapping[str, Any]
+        self,
+        source: str,
+        backbone: Backbone,
+        labels: list[str],
+        options: Mapping[str, Any],
+        per_token: bool = False,
     ) -> Classifier:
         from transformers import AutoConfig
 
@@ -54,7 +59,7 @@ class HFLoader:
                 **_hub_kwargs(backbone),
             ),
         )
-        auto = self._auto_class(config)
+        auto = self._auto_class(config, per_token)
         options = self._heads_unquantised(auto, config, backbone, options)
         model = self._load(auto, source, config, backbone, options, ignore_mismatched_sizes=True)
         return Classifier(model=model, head=self._head(model))
@@ -113,10 +118,25 @@ class HFLoader:
         return options
 
     @staticmethod
-    def _auto_class(config: Any) -> Any:
-        from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    def _auto_class(config: Any, per_token: bool) -> Any:
+        from transformers import (
+            AutoModelForImageClassification,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+        )
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+            MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+        )
 
+        if per_token:
+            if config.model_type not in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES:
+                raise RecipeError(
+                    KEY,
+                    f"transformers has no token classification model for {config.model_type!r}; "
+                    "use an encoder such as BERT, RoBERTa or DeBERTa",
+                )
+            return AutoModelForTokenClassification
         if config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
             return AutoModelForImageClassification
         return AutoModelForSequenceClassification

@@ -50,8 +50,18 @@ class TimmLoader:
             ) from error
 
     def load_classifier(
-        self, source: str, backbone: Backbone, labels: list[str], options: Mapping[str, Any]
+        self,
+        source: str,
+        backbone: Backbone,
+        labels: list[str],
+        options: Mapping[str, Any],
+        per_token: bool = False,
     ) -> Classifier:
+        if per_token:
+            raise RecipeError(
+                KEY,
+                f"timm:{source} classifies whole images; token classification needs a Hugging Face encoder",
+            )
         if options:
             raise RecipeError(
                 "model.strategy",

@@ -20,13 +20,15 @@ CHUNK = 50_000  # rows written at a time
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes the predicted label and class probabilities per row.
+    """Writes each predicted row's data columns and the task's prediction columns.
 
-    Needs ``predict_step`` outputs ``{"index", "probabilities"}`` and the datamodule's ``predict_table()``
-    (a pandas DataFrame or a ``datasets.Dataset``: its row ``i`` is the row with ``index`` ``i``); the
-    module's ``labels`` name the columns. The file is written ``CHUNK`` rows at a time, so a large predict
-    split never sits in memory as a table. Under DDP every rank predicts a share: the shares are gathered
-    and rank 0 writes one file, each row once.
+    Contract: ``predict_step`` outputs ``{"index": (B,), "values": (B, ...)}`` (the same trailing shape in
+    every batch), the module's ``prediction_columns(values, rows)`` turns a chunk of values and their data
+    rows (a DataFrame) into named columns (``ClassificationTask``: the predicted label and ``p_<label>``),
+    and the datamodule's ``predict_table()`` (a pandas DataFrame or a ``datasets.Dataset``: its row ``i``
+    is the row with ``index`` ``i``) gives the rows. The file is written ``CHUNK`` rows at a time, so a
+    large predict split never sits in memory as a table. Under DDP every rank predicts a share: the shares
+    are gathered and rank 0 writes one file, each row once.
     """
 
     def __init__(self, filename: str = runs.PREDICTIONS) -> None:
@@ -38,23 +40,20 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
         index = torch.cat([p["index"] for p in predictions])
-        probabilities = torch.cat([p["probabilities"] for p in predictions]).float()
+        values = torch.cat([p["values"] for p in predictions])
         if trainer.world_size > 1:
-            index, probabilities = _gather(pl_module, index, probabilities)
+            index, values = _gather(pl_module, index, values)
         if not trainer.is_global_zero:
             return
         index, first = _first_occurrences(index.cpu())
-        probabilities = probabilities.cpu()[first]
+        values = values.cpu()[first]
         table = trainer.datamodule.predict_table()
-        labels = list(pl_module.labels)
         path = runs.run_dir(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         for start in range(0, max(len(index), 1), CHUNK):
             rows = _rows(table, index[start : start + CHUNK].numpy())
-            shares = probabilities[start : start + CHUNK]
-            rows["prediction"] = [labels[i] for i in shares.argmax(-1).tolist()]
-            for i, label in enumerate(labels):
-                rows[f"p_{label}"] = shares[:, i].numpy()
+            for name, column in pl_module.prediction_columns(values[start : start + CHUNK], rows).items():
+                rows[name] = column
             rows.to_csv(path, index=False, mode="a" if start else "w", header=not start)
         log.info("Wrote %d predictions to %s", len(index), path)
 
@@ -67,17 +66,17 @@ def _rows(table: Any, index: np.ndarray) -> pd.DataFrame:
 
 
 def _gather(
-    pl_module: pl.LightningModule, index: torch.Tensor, probabilities: torch.Tensor
+    pl_module: pl.LightningModule, index: torch.Tensor, values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's predictions; shares may differ in size, so each is padded (index -1) to the largest."""
     size = int(pl_module.all_gather(torch.tensor(len(index), device=index.device)).max())
     padding = size - len(index)
     index = torch.cat([index, index.new_full((padding,), -1)])
-    probabilities = torch.cat([probabilities, probabilities.new_zeros(padding, probabilities.shape[1])])
+    values = torch.cat([values, values.new_zeros(padding, *values.shape[1:])])
     index = pl_module.all_gather(index).flatten()
-    probabilities = pl_module.all_gather(probabilities).flatten(0, 1)
+    values = pl_module.all_gather(values).flatten(0, 1)
     real = index >= 0
-    return index[real], probabilities[real]
+    return index[real], values[real]
 
 
 def _first_occurrences(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,9 @@ class Distillation(pl.Callback):
     ``train/feature_loss`` and ``train/loss`` (the total). For an ``SFTTask`` the KL is per token, over the
     vocabulary, on response tokens only, summed and normalised with the task loss per response token.
 
-    Contract: the module is a finetune ``ClassificationTask`` or ``SFTTask``; the callback adds its loss
+    Contract: the module is a finetune task with a ``teacher_kind`` (``ClassificationTask``, ``SFTTask``, ...:
+    the teacher is loaded as that kind of model) and a ``distillation_loss`` (the per-item loss between
+    student and teacher logits, ``T² · KL`` for softmax tasks); the callback adds its loss
     terms through ``FinetuneTask.add_loss_term`` (see ``finetune.tasks.loss_terms``) in ``setup``, which
     builds the student first. The teacher is *not* a submodule of the task: it is never in the optimizer
     or in a checkpoint, ``task.train()`` never reaches it (it stays in eval mode, dropout off), and it runs
@@ -88,18 +90,20 @@ class Distillation(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        causal_lm = _student_kind(pl_module)
+        kind = _teacher_kind(pl_module)
+        causal_lm = kind == "causal_lm"
         _build(trainer, pl_module)
         labels = None if causal_lm else pl_module.labels
-        self.teacher = load_teacher(self.source, causal_lm, labels, self.teacher_dtype)
+        self.teacher = load_teacher(self.source, kind, labels, self.teacher_dtype, student=type(pl_module))
         if labels is not None:
             check_labels(self.teacher, labels)
         student_tokenizer = _student_tokenizer(trainer, pl_module, causal_lm)
         if student_tokenizer is not None:
             check_vocabulary(self.teacher.backbone.tokenizer(), student_tokenizer)
-        self._check_cache(trainer, causal_lm)
+        self._check_cache(trainer, kind)
         if self.alpha < 1:
-            self._register(pl_module, LogitKD(self.current, self.alpha, self.temperature))
+            kd = LogitKD(self.current, self.alpha, self.temperature, per_item=pl_module.distillation_loss)
+            self._register(pl_module, kd)
         if self.features:
             self._register(pl_module, *self._feature_term(pl_module))
         log.info(
@@ -196,13 +200,14 @@ class Distillation(pl.Callback):
         term = FeatureKD(self.current, self.features, widths)
         return term, term.projections
 
-    def _check_cache(self, trainer: pl.Trainer, causal_lm: bool) -> None:
+    def _check_cache(self, trainer: pl.Trainer, kind: str) -> None:
         if self.cache is None:
             return
         key = f"{KEY}.cache_teacher"
-        if causal_lm or self.features:
+        if kind != "classifier" or self.features:
             raise RecipeError(
-                key, "caches classifier logits only; turn it off for causal LMs or feature matches"
+                key,
+                "caches per-input logits only; turn it off for token tasks, causal LMs or feature matches",
             )
         steps = augmenting_steps(getattr(trainer, "datamodule", None))
         if steps:
@@ -213,17 +218,15 @@ class Distillation(pl.Callback):
             )
 
 
-def _student_kind(pl_module: pl.LightningModule) -> bool:
-    """True for a causal LM student (``SFTTask``), False for a classifier; RecipeError otherwise."""
-    from finetune.tasks import ClassificationTask, SFTTask
-
-    if isinstance(pl_module, SFTTask):
-        return True
-    if isinstance(pl_module, ClassificationTask):
-        return False
-    raise RecipeError(
-        KEY, f"distils into finetune's ClassificationTask or SFTTask, not {type(pl_module).__name__}"
-    )
+def _teacher_kind(pl_module: pl.LightningModule) -> str:
+    """The kind of teacher the student task takes (its ``teacher_kind``); RecipeError when it takes none."""
+    kind = getattr(type(pl_module), "teacher_kind", None)
+    if kind is None:
+        raise RecipeError(
+            KEY,
+            f"distils into finetune tasks that take a teacher (a teacher_kind), not {type(pl_module).__name__}",
+        )
+    return kind
 
 
 def _build(trainer: pl.Trainer, pl_module: Any) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.errors import RecipeError
-from finetune.tasks.loss_terms import LossContribution, StepOutputs, reduce
+from finetune.tasks.loss_terms import LossContribution, StepOutputs, kd_per_item, reduce
 
 KEY = "trainer.callbacks.Distillation"
 
@@ -51,20 +51,6 @@ class TeacherOutputs:
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def kd_per_item(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last dimension, per sample/position.
-
-    Computed in float32 whatever the logits' dtype (a bfloat16 teacher, a half-precision student). When
-    the vocabularies' padded sizes differ (same tokenizer, different embedding padding) the extra
-    columns, which no token uses, are dropped.
-    """
-    width = min(student.shape[-1], teacher.shape[-1])
-    log_student = F.log_softmax(student[..., :width].float() / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher[..., :width].float() / temperature, dim=-1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
-    return kl * temperature**2
-
-
 def _mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (student - teacher).pow(2).mean(-1)
 
@@ -80,7 +66,8 @@ FEATURE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] 
 
 
 class LogitKD:
-    """Loss term ``kd``: adds ``(1 - alpha) · T² · KL`` and weights the task loss by ``alpha``.
+    """Loss term ``kd``: adds ``(1 - alpha) · per_item(student, teacher, T)`` (default ``T² · KL``, the task's
+    ``distillation_loss``) and weights the task loss by ``alpha``.
 
     ``teacher`` returns the current step's ``TeacherOutputs`` (the callback computes them once per batch).
     Token tasks (``reduction="sum"``) sum the KL over the masked (response) positions.
@@ -89,13 +76,20 @@ class LogitKD:
     name = "kd"
     features: tuple[str, ...] = ()
 
-    def __init__(self, teacher: Callable[[], TeacherOutputs], alpha: float, temperature: float) -> None:
+    def __init__(
+        self,
+        teacher: Callable[[], TeacherOutputs],
+        alpha: float,
+        temperature: float,
+        per_item: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = kd_per_item,
+    ) -> None:
         self.teacher = teacher
         self.alpha = alpha
         self.temperature = temperature
+        self.per_item = per_item
 
     def __call__(self, outputs: StepOutputs) -> LossContribution:
-        per_item = kd_per_item(outputs.logits, self.teacher().logits, self.temperature)
+        per_item = self.per_item(outputs.logits, self.teacher().logits, self.temperature)
         return LossContribution((1 - self.alpha) * reduce(per_item, outputs), task_weight=self.alpha)
 
 

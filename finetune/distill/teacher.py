@@ -23,6 +23,7 @@ from finetune.distill.losses import KEY, TeacherOutputs
 from finetune.dtypes import DTYPES
 from finetune.errors import RecipeError
 from finetune.paths import is_local_path, resolve_path
+from finetune.tasks.base import TeacherKind
 
 log = logging.getLogger(__name__)
 
@@ -100,23 +101,24 @@ class PixelAdapter:
 
 def load_teacher(
     source: str | Backbone | Mapping[str, Any],
-    causal_lm: bool,
+    kind: TeacherKind,
     student_labels: list[str] | None,
     dtype: str | None = None,
+    student: type | None = None,
 ) -> Teacher:
-    """The teacher named by ``source``, frozen: a run folder (``runs/<recipe>/version_N``: its best
-    checkpoint, any strategy), an export folder (a plain timm/Hugging Face folder, with ``labels.json`` for a
-    classifier), or a backbone spec (``timm:NAME``, ``hf:ID``, a folder), loaded with a head for
-    ``student_labels``."""
+    """The teacher named by ``source``, frozen, as a model of ``kind``: a run folder
+    (``runs/<recipe>/version_N``: its best checkpoint, any strategy; it must have trained a ``student`` task
+    when given), an export folder (a plain timm/Hugging Face folder, with ``labels.json`` for a classifier),
+    or a backbone spec (``timm:NAME``, ``hf:ID``, a folder), loaded with a head for ``student_labels``."""
     try:
         if isinstance(source, str) and is_local_path(source):
             path = resolve_path(source, TEACHER_KEY)
             if (path / runs.CONFIG).is_file():
-                teacher = _from_run(path, causal_lm)
+                teacher = _from_run(path, kind, student)
             else:
-                teacher = _from_folder(path, causal_lm, student_labels)
+                teacher = _from_folder(path, kind, student_labels)
         else:
-            teacher = _from_spec(Backbone.of(source), causal_lm, student_labels)
+            teacher = _from_spec(Backbone.of(source), kind, student_labels)
     except RecipeError as error:
         if error.key.startswith(TEACHER_KEY):
             raise
@@ -127,19 +129,22 @@ def load_teacher(
     return teacher
 
 
-def _from_run(path: Path, causal_lm: bool) -> Teacher:
+def _from_run(path: Path, kind: TeacherKind, student: type | None) -> Teacher:
     try:
         task = runs.load_run(path)
     except RecipeError as error:
         raise RecipeError(TEACHER_KEY, error.message) from error
-    if causal_lm != (not hasattr(task, "labels")):
-        kind = "a language model" if causal_lm else "a classifier"
-        raise RecipeError(TEACHER_KEY, f"the run {path} did not train {kind}, as the student is")
+    trained = type(task)
+    if trained.teacher_kind != kind or (student is not None and trained.__name__ != student.__name__):
+        wanted = student.__name__ if student is not None else f"a {kind}"
+        raise RecipeError(
+            TEACHER_KEY, f"the run {path} trained a {trained.__name__}, not {wanted} as the student is"
+        )
     labels = getattr(task, "labels", None)
-    return Teacher(task.model, task.loader, task.backbone, labels, causal_lm)
+    return Teacher(task.model, task.loader, task.backbone, labels, kind == "causal_lm")
 
 
-def _from_folder(path: Path, causal_lm: bool, student_labels: list[str] | None) -> Teacher:
+def _from_folder(path: Path, kind: TeacherKind, student_labels: list[str] | None) -> Teacher:
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise RecipeError(
             TEACHER_KEY,
@@ -147,18 +152,19 @@ def _from_folder(path: Path, causal_lm: bool, student_labels: list[str] | None) 
         )
     backbone = Backbone(name=str(path))
     loader, _ = backbone.resolve()
-    if causal_lm:
+    if kind == "causal_lm":
         return Teacher(backbone.load_causal_lm(), loader, backbone, None, True)
     labels_file = path / "labels.json"
     if not labels_file.is_file():
-        return _from_spec(backbone, False, student_labels)
+        return _from_spec(backbone, kind, student_labels)
     labels = [str(label) for label in json.loads(labels_file.read_text(encoding="utf-8"))]
-    return Teacher(backbone.load_classifier(labels).model, loader, backbone, labels, False)
+    model = backbone.load_classifier(labels, per_token=kind == "token_classifier").model
+    return Teacher(model, loader, backbone, labels, False)
 
 
-def _from_spec(backbone: Backbone, causal_lm: bool, student_labels: list[str] | None) -> Teacher:
+def _from_spec(backbone: Backbone, kind: TeacherKind, student_labels: list[str] | None) -> Teacher:
     loader, _ = backbone.resolve()
-    if causal_lm:
+    if kind == "causal_lm":
         return Teacher(backbone.load_causal_lm(), loader, backbone, None, True)
     log.warning(
         "Distillation: teacher %s has no labels of its own; its head is the checkpoint's only where that "
@@ -167,7 +173,8 @@ def _from_spec(backbone: Backbone, causal_lm: bool, student_labels: list[str] | 
         backbone.name,
         len(student_labels or ()),
     )
-    return Teacher(backbone.load_classifier(student_labels or []).model, loader, backbone, None, False)
+    model = backbone.load_classifier(student_labels or [], per_token=kind == "token_classifier").model
+    return Teacher(model, loader, backbone, None, False)
 
 
 def check_labels(teacher: Teacher, student_labels: list[str]) -> None:

@@ -17,9 +17,12 @@ from finetune.backbones.layout import Layout
 from finetune.errors import RecipeError
 from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.strategies import Strategy, describe_strategy, resolve_strategy
-from finetune.tasks.loss_terms import LossTerm, StepOutputs
+from finetune.tasks.loss_terms import LossTerm, StepOutputs, kd_per_item
 
 LOSS_MODULES = "loss_modules"
+# What a distillation teacher of a task is (``FinetuneTask.teacher_kind``): a model with a head per input
+# (``Backbone.load_classifier``), per token (``load_classifier(per_token=True)``), or a causal LM.
+TeacherKind = Literal["classifier", "token_classifier", "causal_lm"]
 
 
 class Monitor(NamedTuple):
@@ -58,6 +61,8 @@ class FinetuneTask(pl.LightningModule):
     monitor: ClassVar[Monitor] = Monitor("val/loss", "min")
     # The epoch-level metrics the task logs: what a plateau schedule (or a callback) may monitor.
     epoch_metrics: ClassVar[tuple[str, ...]] = ("val/loss",)
+    # The model a distillation teacher must be (``finetune.distill``); None: the task takes no teacher.
+    teacher_kind: ClassVar[TeacherKind | None] = None
 
     def __init__(
         self,
@@ -110,6 +115,14 @@ class FinetuneTask(pl.LightningModule):
     def export(self, directory: Path, merge: bool = False) -> Path:
         """Write the model so that it loads without ``finetune``; adapters alone unless ``merge``."""
         raise NotImplementedError
+
+    def distillation_loss(
+        self, student: torch.Tensor, teacher: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """The distillation loss per sample (or per position) between the student's and the teacher's logits
+        of one batch: ``T² · KL`` of their softmaxes by default (``kd_per_item``); tasks whose outputs are
+        not one softmax (independent labels, scores) override it."""
+        return kd_per_item(student, teacher, temperature)
 
     # --- loss terms (finetune.tasks.loss_terms) ---------------------------------------------------------
 

@@ -53,6 +53,7 @@ class ClassificationTask(FinetuneTask):
 
     monitor = Monitor("val/acc", "max")
     epoch_metrics = ("val/loss", "val/acc", "val/f1")
+    teacher_kind = "classifier"
 
     def __init__(
         self,
@@ -85,16 +86,50 @@ class ClassificationTask(FinetuneTask):
         self.hparams["labels"] = labels
         self.image_config = self._resolve_image_config()
         self.hparams["image_config"] = self._plain_image()
-        metrics = MetricCollection(
+        metrics = self.make_metrics(labels)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        return classifier.model, discover_layout(classifier.model, classifier.head)
+
+    # --- what subclasses for other targets (multi-label, regression) change ----------------------------
+
+    def make_metrics(self, labels: list[str]) -> MetricCollection:
+        """The metrics logged per stage (``<stage>/<name>``): accuracy and macro F1."""
+        return MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes=len(labels)),
                 "f1": MulticlassF1Score(num_classes=len(labels), average="macro"),
             }
         )
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
-        return classifier.model, discover_layout(classifier.model, classifier.head)
+
+    def task_loss(self, logits: torch.Tensor, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """Cross-entropy on the class ids, or on MixUp/CutMix's soft ``targets`` in training; smoothed."""
+        targets = batch[TARGETS] if stage == "train" and TARGETS in batch else batch["labels"]
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+
+    def update_metrics(self, metrics: MetricCollection, logits: torch.Tensor, batch: dict[str, Any]) -> None:
+        """Feed one batch to ``metrics`` (always the original ``labels``, never mixed targets)."""
+        metrics.update(logits.detach(), batch["labels"])
+
+    def predict_values(self, logits: torch.Tensor) -> torch.Tensor:
+        """What ``predict`` keeps per row (``PredictionWriter``): the class probabilities."""
+        return logits.softmax(-1)
+
+    def prediction_columns(self, values: torch.Tensor, rows: Any) -> dict[str, Any]:
+        """Output columns for rows' ``predict_values``: ``prediction`` (the likeliest label) and
+        ``p_<label>`` per class."""
+        values = values.float()
+        columns: dict[str, Any] = {"prediction": [self.labels[i] for i in values.argmax(-1).tolist()]}
+        for i, label in enumerate(self.labels):
+            columns[f"p_{label}"] = values[:, i].numpy()
+        return columns
+
+    def export_files(self, target: Path) -> None:
+        """Files written beside the exported model: ``labels.json``."""
+        (target / "labels.json").write_text(json.dumps(self.labels, indent=2))
+
+    # --- building ---------------------------------------------------------------------------------------
 
     def load_backbone(self, options: Mapping[str, Any]) -> nn.Module:
         return self.backbone.load_classifier(self.labels or self._resolve_labels(), options).model
@@ -137,9 +172,7 @@ class ClassificationTask(FinetuneTask):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         logits, features = self.forward_features(batch, self.requested_features() if stage == "train" else ())
-        # Soft targets (B, C) of a mixed training batch, else the class ids; cross_entropy smooths either.
-        targets = batch[TARGETS] if stage == "train" and TARGETS in batch else batch["labels"]
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        loss = self.task_loss(logits, batch, stage)
         batch_size = len(batch["labels"])
         if stage == "train":
             outputs = StepOutputs(logits=logits, batch=batch, task_loss=loss, features=features)
@@ -147,7 +180,7 @@ class ClassificationTask(FinetuneTask):
         else:
             self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(logits.detach(), batch["labels"])
+        self.update_metrics(metrics, logits, batch)
         self.log_dict(metrics, prog_bar=stage != "train", batch_size=batch_size, on_epoch=True, on_step=False)
         return loss
 
@@ -165,7 +198,7 @@ class ClassificationTask(FinetuneTask):
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"index": batch["index"], "probabilities": self(batch).softmax(-1)}
+        return {"index": batch["index"], "values": self.predict_values(self(batch))}
 
     def export(self, directory: Path, merge: bool = False) -> Path:
         """Write the model in its native format (HF folder or timm config + safetensors) with ``labels.json``;
@@ -179,7 +212,7 @@ class ClassificationTask(FinetuneTask):
 
         def write(target: Path) -> None:
             write_model(self, target, merge, save_plain)
-            (target / "labels.json").write_text(json.dumps(self.labels, indent=2))
+            self.export_files(target)
 
         return write_atomically(directory, write)
 

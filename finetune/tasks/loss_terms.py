@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 
 Reduction = Literal["mean", "sum"]
 
@@ -88,3 +89,18 @@ def reduce(per_item: torch.Tensor, outputs: StepOutputs, mask: torch.Tensor | No
         return per_item.sum() if outputs.reduction == "sum" else per_item.mean()
     kept = per_item[mask.bool()]
     return kept.sum() if outputs.reduction == "sum" else kept.sum() / mask.sum().clamp(min=1)
+
+
+def kd_per_item(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last dimension, per sample/position:
+    the distillation loss of tasks whose logits are one softmax (``FinetuneTask.distillation_loss``).
+
+    Computed in float32 whatever the logits' dtype (a bfloat16 teacher, a half-precision student). When
+    the vocabularies' padded sizes differ (same tokenizer, different embedding padding) the extra
+    columns, which no token uses, are dropped.
+    """
+    width = min(student.shape[-1], teacher.shape[-1])
+    log_student = F.log_softmax(student[..., :width].float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher[..., :width].float() / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
+    return kl * temperature**2

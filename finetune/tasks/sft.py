@@ -51,6 +51,7 @@ class SFTTask(TokenNormalizedLoss, FinetuneTask):
     """
 
     epoch_metrics = ("val/loss", "val/perplexity")
+    teacher_kind = "causal_lm"
 
     def __init__(
         self,

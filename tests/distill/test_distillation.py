@@ -98,7 +98,8 @@ def test_teacher_is_frozen_in_eval_mode_and_never_in_optimizer_or_checkpoint(
     from finetune.distill.teacher import load_teacher
 
     before = {
-        n: p.clone() for n, p in load_teacher(str(bert_teacher), False, LABELS).model.named_parameters()
+        n: p.clone()
+        for n, p in load_teacher(str(bert_teacher), "classifier", LABELS).model.named_parameters()
     }
     distillation = Distillation(teacher=str(bert_teacher), alpha=0.5, temperature=2.0)
     watch = Watch(distillation)
