@@ -1,7 +1,9 @@
 """What text and image classification data share: splits, the label list and batching of table rows.
 
 A split's rows are a memory-mapped Arrow ``datasets.Dataset`` (texts, or image paths) behind the
-``finetune.data.rows.SplitRows`` contract, so splitting and labelling are written once.
+``finetune.data.rows.SplitRows`` contract, so splitting and labelling are written once. A row's target is one
+class, several labels (multi-label) or float targets (regression), as the data keys say
+(``finetune.data.targets``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from finetune.data.loaders import LoaderDataModule
 from finetune.data.rows import ArrowRows, LabelIds, SplitRows
 from finetune.data.splits import check_hold_out, hold_out
 from finetune.data.tables import table_files
+from finetune.data.targets import TargetKind, TargetLayout, TargetStatistics, check_task, target_statistics
 from finetune.errors import RecipeError, require
 from finetune.paths import resolve_path
 
@@ -50,9 +53,11 @@ class NamedTable(NamedTuple):
 
 
 class RowDataset(Dataset, ABC):
-    """Item ``i`` is row ``i``'s model inputs plus ``index`` (``i``) and, when known, ``labels`` (class id).
+    """Item ``i`` is row ``i``'s model inputs plus ``index`` (``i``) and, when known, ``labels`` (a class id,
+    or a row of floats: multi-hot labels, standardised targets).
 
-    Subclasses say how rows become model inputs and how inputs are batched; ``collate`` adds the rest. The
+    Subclasses say how rows become model inputs and how inputs are batched; ``collate`` adds the rest: batches
+    carry ``index`` as int64 ``(B,)`` and ``labels`` as int64 ``(B,)`` (class ids) or float32 ``(B, W)``. The
     DataLoader fetches a batch's rows in one ``__getitems__`` call, so Arrow-backed subclasses read them in
     one gather (override ``inputs_of``).
     """
@@ -95,15 +100,25 @@ class RowDataset(Dataset, ABC):
         batch = self.collate_inputs(inputs)
         for key in NOT_MODEL_INPUTS:
             if key in items[0]:
-                batch[key] = torch.tensor([item[key] for item in items], dtype=torch.long)
+                values = torch.tensor([item[key] for item in items])
+                batch[key] = values.float() if values.is_floating_point() else values.long()
         return batch
 
 
 class ClassificationData(LoaderDataModule, ABC):
     """Splits, labels and loaders for classification; subclasses turn table rows into model inputs.
 
-    Batches are dicts of model inputs plus ``labels`` (class ids; absent when the split has no label column)
-    and ``index`` (each row's position in its split, see ``predict_table``).
+    Batches are dicts of model inputs plus ``labels`` (absent when the split has no target columns) and
+    ``index`` (each row's position in its split, see ``predict_table``). ``labels`` are, by the data keys:
+
+    - one class per row (default, ``label_column``): class ids, int64 ``(B,)``;
+    - multi-label (``label_separator`` or ``label_columns``): multi-hot rows, float32 ``(B, C)``;
+    - regression (``target_columns``): the targets standardised by the train split's mean and standard
+      deviation (``target_statistics()``, kept in checkpoints), float32 ``(B, T)``.
+
+    ``labels`` (the property) names the classes, the labels or the targets, in column order of the batches'
+    ``labels``. ``target_kind`` says which layout it is; a task that takes another kind is refused when the
+    data is set up (``finetune.data.targets.check_task``).
     """
 
     def __init__(
@@ -118,6 +133,9 @@ class ClassificationData(LoaderDataModule, ABC):
         test_fraction: float = 0.0,
         limit: int | None = None,
         encoding: str = "auto",
+        label_separator: str | None = None,
+        label_columns: list[str] | None = None,
+        target_columns: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -133,17 +151,25 @@ class ClassificationData(LoaderDataModule, ABC):
             test_fraction: share of ``train`` held out for testing when ``test`` is not given.
             limit: use a random sample of this many train rows (taken before holding out val/test).
             encoding: text encoding of table files; ``auto`` reads UTF-8 and replaces undecodable bytes.
+            label_separator: multi-label data: ``label_column`` holds each row's labels joined by this string
+                (``toxic|obscene``; spaces around a label are dropped; an empty cell is a row with no label).
+            label_columns: multi-label data: one column per label, holding 0 or 1; the column names are
+                the labels.
+            target_columns: regression data: the columns holding each row's float targets; the model
+                learns them standardised by the train split's mean and standard deviation.
         """
         super().__init__(**kwargs)
         check_hold_out({"val": val_fraction, "test": test_fraction}, limit)
         self.sources = {"train": train, "val": val, "test": test, "predict": predict}
         self.label_column = label_column
+        self.targets = TargetLayout.of(label_column, label_separator, label_columns, target_columns, labels)
         self.given_labels = checked_labels(labels)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.limit = limit
         self.encoding = encoding
         self._labels: list[str] | None = None
+        self._statistics: TargetStatistics | None = None
         self._tables: dict[str, SplitRows | None] = {}
         # The train rows before val/test are held out: the class list comes from all of them, so a class
         # whose few rows all land in val is still a class.
@@ -178,15 +204,44 @@ class ClassificationData(LoaderDataModule, ABC):
 
     @property
     def labels(self) -> list[str]:
-        """Class names in class-index order: ``labels`` if given, else those of all train rows (before holding out)."""
+        """Class (or label) names in index order: ``labels`` if given, else those of all train rows (before
+        holding out); the column names with ``label_columns`` or ``target_columns``."""
         if self._labels is None:
             self._labels = self._resolve_labels()
         return list(self._labels)
 
+    @property
+    def target_kind(self) -> TargetKind:
+        """``class``, ``multi_label`` or ``regression``: what a row's target is."""
+        return self.targets.kind
+
+    def check_task(self, kind: TargetKind, task: str) -> None:
+        """RecipeError naming the key to fix unless a task (class name ``task``) taking ``kind`` targets
+        can train on this data."""
+        check_task(self.targets, kind, task)
+
+    def target_statistics(self) -> TargetStatistics:
+        """Regression: each target's mean and standard deviation over the train split (after val and test
+        are held out), or as restored from a checkpoint."""
+        require(
+            self.targets.kind == "regression", "data.target_columns", "target statistics need target columns"
+        )
+        if self._statistics is None:
+            rows = self.split_rows("train")
+            if rows is None:
+                raise RecipeError(
+                    "data.train",
+                    "targets are standardised by the train split's mean and std; set data.train (as in training)",
+                )
+            self._statistics = target_statistics(rows, self.targets.columns)
+        return self._statistics
+
     def _resolve_labels(self) -> list[str]:
+        if self.targets.names_from_columns:
+            return list(self.targets.columns)
         self.table("train")  # fills self._train_pool
         pool = self._train_pool
-        found = None if pool is None else sorted_labels(pool.label_names(self.label_column))
+        found = None if pool is None else sorted_labels(self.targets.label_names(pool))
         return self._checked_labels(found)
 
     def _checked_labels(self, found: list[str] | None) -> list[str]:
@@ -196,6 +251,13 @@ class ClassificationData(LoaderDataModule, ABC):
                 raise RecipeError(
                     "data.train", "no train data to read the class labels from; set data.train or data.labels"
                 )
+            if self.targets.kind == "multi_label":
+                require(
+                    bool(found),
+                    "data.label_column",
+                    f"{self.label_column!r} holds no label in any train row; check the column and data.label_separator",
+                )
+                return found
             require(
                 len(found) >= 2,
                 "data.label_column",
@@ -212,19 +274,37 @@ class ClassificationData(LoaderDataModule, ABC):
         return list(self.given_labels)
 
     def _labels_known(self) -> bool:
-        return self._labels is not None or self.given_labels is not None or self.table("train") is not None
+        """Whether the rows' targets can be read without train data (predicting from a checkpoint)."""
+        if self.targets.kind == "regression":
+            return self._statistics is not None or self.table("train") is not None
+        return (
+            self.targets.names_from_columns
+            or self._labels is not None
+            or self.given_labels is not None
+            or self.table("train") is not None
+        )
 
     def _label_ids(self, split: str, rows: SplitRows) -> LabelIds | None:
-        if self.label_column not in rows.columns() or (split == "predict" and not self._labels_known()):
+        """Each row's target (class id, multi-hot row or standardised targets), or None for unlabelled rows."""
+        if not self.targets.present(rows.columns()) or (split == "predict" and not self._labels_known()):
             # Predict files may be unlabelled, and predicting from a checkpoint may have no train data.
             return None
+        layout = self.targets
+        if layout.kind == "regression":
+            statistics = self.target_statistics()
+            return rows.column_targets(layout.columns, statistics.mean, statistics.std)
+        if layout.names_from_columns:
+            width = len(layout.columns)
+            return rows.column_targets(layout.columns, [0.0] * width, [1.0] * width)
         index = {label: i for i, label in enumerate(self.labels)}
-        unknown = sorted(rows.label_names(self.label_column) - set(index))
+        unknown = sorted(layout.label_names(rows) - set(index))
         if unknown:
             origin = "are not in data.labels" if self.given_labels is not None else "do not occur in train"
             raise RecipeError(
                 f"data.{split}", f"labels {unknown} {origin}; drop those rows or fix the labels"
             )
+        if layout.kind == "multi_label":
+            return rows.multi_hot(self.label_column, layout.separator, index)
         return rows.label_ids(self.label_column, index)
 
     def save_labels(self, directory: Path) -> Path:
@@ -236,17 +316,42 @@ class ClassificationData(LoaderDataModule, ABC):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"labels": self.labels}
+        state: dict[str, Any] = {"labels": self.labels}
+        if self.targets.kind == "regression":
+            state["target_statistics"] = self.target_statistics().plain()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         restored = [str(label) for label in state_dict["labels"]]
-        if self._labels is not None and self._labels != restored:
+        if self.targets.names_from_columns:
+            require(
+                restored == self.labels,
+                self.targets.column_key,
+                f"the checkpoint has {restored} but this data names {self.labels}; name the same columns",
+            )
+        elif self._labels is not None and self._labels != restored:
             raise RecipeError(
                 "data.labels",
                 f"the checkpoint has labels {restored} but this data gives {self._labels}; set data.labels to match",
             )
-        self.given_labels = restored
+        else:
+            self.given_labels = restored
+        if "target_statistics" in state_dict:
+            self._restore_statistics(TargetStatistics.of(state_dict["target_statistics"]))
+
+    def _restore_statistics(self, restored: TargetStatistics) -> None:
+        """Take a checkpoint's target statistics; refuse them when this train split gave others (its batches
+        are standardised already, and the model learnt the checkpoint's)."""
+        if self._statistics is None:
+            self._statistics = restored
+            return
+        require(
+            self._statistics.close_to(restored),
+            "data.train",
+            f"this train split's target means/stds {self._statistics.plain()} differ from the checkpoint's "
+            f"{restored.plain()}; train on the data the checkpoint was trained on",
+        )
 
     # --- splits ------------------------------------------------------------------------------------------
 
@@ -276,16 +381,12 @@ class ClassificationData(LoaderDataModule, ABC):
         rows = named.rows
         for key, column in self.input_columns().items():
             _require_column(rows, column, key, named.name)
-        if self.label_column not in rows.columns():
+        if not self.targets.present(rows.columns()):
             if split != "predict":
-                _require_column(rows, self.label_column, "data.label_column", named.name)
+                for column in self.targets.columns:
+                    _require_column(rows, column, self.targets.column_key, named.name)
             return rows
-        missing = rows.missing(self.label_column)
-        require(
-            missing == 0,
-            f"data.{split}",
-            f"{missing} rows of {named.name} have no {self.label_column!r} value; fill them in or drop those rows",
-        )
+        self.targets.check_values(rows, split, named.name)
         return rows
 
     def _fit_splits(self) -> dict[str, SplitRows | None]:
@@ -323,11 +424,25 @@ class ClassificationData(LoaderDataModule, ABC):
 
     @override
     def setup(self, stage: str) -> None:
-        """Build the datasets of ``stage``'s splits (validation is optional when fitting)."""
+        """Check that the trainer's task takes this data's kind of target (``target_kind``), then build the
+        datasets of ``stage``'s splits (validation is optional when fitting)."""
+        self._check_module()
         for split in STAGE_SPLITS[stage]:
             optional = stage == "fit" and split == "val"
             if not (optional and self.table(split) is None):
                 self.split_dataset(split)
+
+    def _check_module(self) -> None:
+        """The trainer's module must take this kind of target: a finetune task declares the kind it takes in
+        ``target_kind`` (a ``ClassificationTask`` without one takes one class per row); other modules are
+        not checked."""
+        from finetune.tasks.classification import ClassificationTask
+
+        module = None if self.trainer is None else self.trainer.lightning_module
+        default = "class" if isinstance(module, ClassificationTask) else None
+        kind = getattr(module, "target_kind", default)
+        if kind is not None:
+            self.check_task(kind, type(module).__name__)
 
     def split_dataset(self, split: str) -> RowDataset:
         """The (cached) dataset of ``split``; RecipeError when the recipe gives no data for it."""

@@ -31,7 +31,7 @@ from finetune.data.transforms import (
     batch_mixer,
     describe,
 )
-from finetune.errors import RecipeError
+from finetune.errors import RecipeError, require
 
 if TYPE_CHECKING:
     import datasets
@@ -133,6 +133,11 @@ class ImageClassificationData(ClassificationData):
                 true skipped, saying how many.
         """
         super().__init__(**kwargs)
+        require(
+            self.targets.kind == "class" or not (mixup or cutmix),
+            "data.mixup" if mixup else "data.cutmix",
+            f"mixes one-class targets; {self.targets.layout_key} data takes none: set mixup and cutmix to 0",
+        )
         self.path_column = path_column
         self.skip_bad_images = skip_bad_images
         self.preparation = ImagePreparation(
@@ -228,6 +233,12 @@ class ImageClassificationData(ClassificationData):
         """``FOLDER/CLASS/image`` -> rows (path, label); images directly in ``FOLDER`` -> rows without labels.
         The listing is written to the cache and read back memory-mapped."""
         nested = _images(folder, "*/*")
+        require(
+            not nested or self.targets.kind == "class",
+            key,
+            f"{folder} is laid out as FOLDER/CLASS/IMAGE, one class per image; {self.targets.layout_key} data "
+            "needs a table of image paths with its target columns",
+        )
         if nested:
             frame = pd.DataFrame(
                 {

@@ -3,6 +3,9 @@ them as a memory-mapped Arrow ``datasets.Dataset`` (texts or image paths, tables
 
 Labels are compared as text: a cell's label is ``str(value)``, and a Hugging Face ``ClassLabel`` id is its
 class name (-1, unlabelled, is a missing label).
+
+Each row's target (a class id, a multi-hot row, float targets) is computed once per split by a cached batched
+``map`` into its own memory-mapped column, and read a batch at a time (``LabelIds``): no Python object per row.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from finetune.data.arrow import cached_map, fingerprint, reopened, write_rows
+from finetune.data.labels import split_labels
 
 if TYPE_CHECKING:
     import datasets
@@ -44,9 +48,19 @@ class SplitRows(Protocol):
     def label_ids(self, column: str, index: Mapping[str, int]) -> LabelIds:
         """Each row's class id: ``index`` of its label."""
 
+    def multi_hot(self, column: str, separator: str, index: Mapping[str, int]) -> LabelIds:
+        """Each row's labels (``column`` split at ``separator``) as a 0/1 row over ``index``."""
+
+    def column_targets(self, columns: Sequence[str], mean: Sequence[float], std: Sequence[float]) -> LabelIds:
+        """Each row's values of ``columns`` as floats, read as ``(value - mean) / std``."""
+
+    def column(self, column: str) -> pa.ChunkedArray:
+        """All values of ``column``."""
+
 
 class LabelIds(Protocol):
-    """Class ids of a split's rows, read a batch at a time (a numpy array is one)."""
+    """The targets of a split's rows, read a batch at a time: class ids ``(B,)`` (int), or float rows
+    ``(B, W)`` (multi-hot labels, standardised targets). A numpy array is one."""
 
     def __len__(self) -> int: ...
 
@@ -71,7 +85,7 @@ class ArrowRows:
     def missing(self, column: str) -> int:
         import pyarrow.compute as pc
 
-        values = self._column(column)
+        values = self.column(column)
         missing = values.null_count
         if self._class_names(column) is not None:
             missing += pc.sum(pc.less(values, 0)).as_py() or 0
@@ -111,11 +125,59 @@ class ArrowRows:
         )
         return ArrowIds(encoded)
 
+    def multi_hot(self, column: str, separator: str, index: Mapping[str, int]) -> ArrowTargets:
+        texts = self._texts(column)
+        # One 0/1 row per distinct cell (an empty cell, None, has no label); rows look theirs up.
+        hots = np.zeros((len(texts), len(index)), dtype=np.float32)
+        for row, text in enumerate(texts.values()):
+            for label in split_labels(text or "", separator):
+                hots[row, index[label]] = 1
+        key = fingerprint(self.fingerprint, "multi-hot", column, separator, sorted(index.items()))
+        arguments = {"values": list(texts), "hots": hots}
+        return ArrowTargets(
+            self._targets([column], _encode_multi_hot, key, len(index), arguments, "multi-hot labels")
+        )
+
+    def column_targets(
+        self, columns: Sequence[str], mean: Sequence[float], std: Sequence[float]
+    ) -> ArrowTargets:
+        key = fingerprint(self.fingerprint, "column targets", list(columns))
+        targets = self._targets(list(columns), _encode_columns, key, len(columns), {}, "targets")
+        return ArrowTargets(targets, np.asarray(mean, np.float32), np.asarray(std, np.float32))
+
+    def column(self, column: str) -> pa.ChunkedArray:
+        """One column, read through a copy of the rows that is dropped after use (``reopened``)."""
+        return reopened(self.rows).data.column(column)
+
+    def _targets(
+        self,
+        columns: list[str],
+        function: Any,
+        key: str,
+        width: int,
+        arguments: dict[str, Any],
+        description: str,
+    ) -> datasets.Dataset:
+        """``function`` of ``columns`` mapped into one cached float32 column of ``width`` values per row."""
+        from datasets import Features, List, Value
+
+        return cached_map(
+            reopened(self.rows).select_columns(columns).with_format("arrow"),
+            function,
+            folder=self.cache / "targets",
+            key=key,
+            input_columns=columns,
+            remove_columns=columns,
+            features=Features({"labels": List(Value("float32"), length=width)}),
+            fn_kwargs=arguments,
+            desc=description,
+        )
+
     def _texts(self, column: str) -> dict[Any, str | None]:
         """Each distinct raw value of ``column`` and its label text."""
         import pyarrow.compute as pc
 
-        values = pc.unique(self._column(column)).to_pylist()
+        values = pc.unique(self.column(column)).to_pylist()
         names = self._class_names(column)
         if names is not None:
             return {v: None if v is None or v < 0 else names[v] for v in values}
@@ -126,10 +188,6 @@ class ArrowRows:
 
         feature = self.rows.features.get(column)
         return list(feature.names) if isinstance(feature, ClassLabel) else None
-
-    def _column(self, column: str) -> pa.ChunkedArray:
-        """One column, read through a copy of the rows that is dropped after use (``reopened``)."""
-        return reopened(self.rows).data.column(column)
 
 
 class ArrowIds:
@@ -145,8 +203,48 @@ class ArrowIds:
         return self.ids.data.fast_gather(np.asarray(rows)).column("labels").to_numpy().astype(np.int64)
 
 
+class ArrowTargets:
+    """Float targets in one memory-mapped fixed-width column (``labels``), gathered a batch at a time as
+    ``(B, W)`` float32; with ``mean`` and ``std``, read as ``(value - mean) / std`` (the cached column keeps
+    the values as they are, so it serves any standardisation)."""
+
+    def __init__(
+        self, targets: datasets.Dataset, mean: np.ndarray | None = None, std: np.ndarray | None = None
+    ) -> None:
+        self.targets = targets
+        self.mean = mean
+        self.std = std
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def take(self, rows: Sequence[int]) -> np.ndarray:
+        column = self.targets.data.fast_gather(np.asarray(rows)).column("labels").combine_chunks()
+        values = column.flatten().to_numpy().reshape(len(rows), column.type.list_size)
+        if self.mean is None:
+            return values
+        return ((values - self.mean) / self.std).astype(np.float32)
+
+
 def _encode_labels(column: pa.ChunkedArray, values: pa.Array, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Batched ``map`` step: each row's class id, found by the position of its raw label in ``values``."""
     import pyarrow.compute as pc
 
     return {"labels": ids[pc.index_in(column, value_set=values).to_numpy(zero_copy_only=False)]}
+
+
+def _encode_multi_hot(column: pa.ChunkedArray, values: list[Any], hots: np.ndarray) -> dict[str, np.ndarray]:
+    """Batched ``map`` step: each row's 0/1 row, found by the position of its raw cell in ``values`` (the
+    split's distinct cells, a missing one included: nulls match nulls)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    positions = pc.index_in(column, value_set=pa.array(values, type=column.type))
+    return {"labels": hots[positions.to_numpy(zero_copy_only=False)]}
+
+
+def _encode_columns(*columns: pa.ChunkedArray) -> dict[str, np.ndarray]:
+    """Batched ``map`` step: the row's values of the columns, side by side, as float32."""
+    return {
+        "labels": np.stack([c.to_numpy(zero_copy_only=False).astype(np.float32) for c in columns], axis=1)
+    }

@@ -100,13 +100,19 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
         super().__init__(**kwargs)
         require(max_length > 0, "data.max_length", f"must be 1 or more, got {max_length}")
         require(
-            text_column not in (self.label_column, text_pair_column),
+            text_column not in (*self.targets.columns, text_pair_column),
             "data.text_column",
-            f"{text_column!r} is also the label (or pair) column; name the column that holds the text",
+            f"{text_column!r} is also a label, target (or pair) column; name the column that holds the text",
         )
         require(shuffle_buffer > 0, "data.shuffle_buffer", f"must be 1 or more, got {shuffle_buffer}")
         require(num_proc is None or num_proc > 0, "data.num_proc", f"must be 1 or more, got {num_proc}")
         if streaming:
+            require(
+                self.targets.kind == "class",
+                "data.streaming",
+                f"streams one class per row; {self.targets.layout_key} data is read from converted tables: "
+                "set streaming: false",
+            )
             fractions = {"val": self.val_fraction, "test": self.test_fraction}
             check_streaming(self.sources, dataset, fractions, self.limit)
         self.text_column = text_column
@@ -204,6 +210,8 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
         counts = ", ".join(f"{split} {len(rows):,}" for split, rows in sizes.items() if rows is not None)
         workers = self.workers(self.split_dataset("train"))
         lines = [f"rows: {counts or 'none'} (memory-mapped Arrow files in {self.cache})"]
+        if self.targets.kind != "class":
+            lines.append(self.targets.describe(self.labels))
         if self.streaming:
             lines[0] = lines[0].replace("rows: ", "rows besides train: ", 1)
             files = self._train_files()
