@@ -220,20 +220,16 @@ class ClassificationData(LoaderDataModule, ABC):
         can train on this data."""
         check_task(self.targets, kind, task)
 
-    def target_statistics(self) -> TargetStatistics:
+    def target_statistics(self) -> TargetStatistics | None:
         """Regression: each target's mean and standard deviation over the train split (after val and test
-        are held out), or as restored from a checkpoint."""
+        are held out), or as restored from a checkpoint; None without either."""
         require(
             self.targets.kind == "regression", "data.target_columns", "target statistics need target columns"
         )
         if self._statistics is None:
             rows = self.split_rows("train")
-            if rows is None:
-                raise RecipeError(
-                    "data.train",
-                    "targets are standardised by the train split's mean and std; set data.train (as in training)",
-                )
-            self._statistics = target_statistics(rows, self.targets.columns)
+            if rows is not None:
+                self._statistics = target_statistics(rows, self.targets.columns)
         return self._statistics
 
     def _resolve_labels(self) -> list[str]:
@@ -276,7 +272,7 @@ class ClassificationData(LoaderDataModule, ABC):
     def _labels_known(self) -> bool:
         """Whether the rows' targets can be read without train data (predicting from a checkpoint)."""
         if self.targets.kind == "regression":
-            return self._statistics is not None or self.table("train") is not None
+            return self.target_statistics() is not None
         return (
             self.targets.names_from_columns
             or self._labels is not None
@@ -292,6 +288,11 @@ class ClassificationData(LoaderDataModule, ABC):
         layout = self.targets
         if layout.kind == "regression":
             statistics = self.target_statistics()
+            if statistics is None:
+                raise RecipeError(
+                    "data.train",
+                    "targets are standardised by the train split's mean and std; set data.train (as in training)",
+                )
             return rows.column_targets(layout.columns, statistics.mean, statistics.std)
         if layout.names_from_columns:
             width = len(layout.columns)
@@ -317,8 +318,9 @@ class ClassificationData(LoaderDataModule, ABC):
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"labels": self.labels}
-        if self.targets.kind == "regression":
-            state["target_statistics"] = self.target_statistics().plain()
+        statistics = self.target_statistics() if self.targets.kind == "regression" else None
+        if statistics is not None:
+            state["target_statistics"] = statistics.plain()
         return state
 
     @override
