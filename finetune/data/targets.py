@@ -213,7 +213,8 @@ def _check_numbers(values: pa.ChunkedArray, column: str, split: str, name: str) 
 
     kind = values.type
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)):
-        example = next((v for v in values.drop_null().to_pylist() if not _is_number(v)), None)
+        present = values.drop_null().to_pylist()
+        example = next((v for v in present if not _reads_as_number(v)), present[0] if present else None)
         raise RecipeError(
             "data.target_columns",
             f"{column!r} of {name} holds values that are not numbers (e.g. {example!r}, "
@@ -235,7 +236,9 @@ def _check_binary(values: pa.ChunkedArray, column: str, split: str, name: str) -
 
     kind = values.type
     numeric = pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
-    others = [v for v in pc.unique(values.drop_null()).to_pylist() if not numeric or v not in (0, 1)]
+    distinct = pc.unique(values.drop_null()).to_pylist()
+    # A column of text (JSON lines) may spell them "0" and "1".
+    others = [v for v in distinct if (v not in (0, 1) if numeric else str(v) not in ("0", "1"))]
     if others:
         raise RecipeError(
             "data.label_columns",
@@ -254,8 +257,16 @@ def _check_missing(values: pa.ChunkedArray, column: str, split: str, name: str) 
     )
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _reads_as_number(value: Any) -> bool:
+    """Whether a cell of a column of text (or booleans) spells a number: the example of a bad value is one
+    that does not."""
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _row_of(values: pa.ChunkedArray, value: Any) -> int:
