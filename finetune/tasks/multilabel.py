@@ -120,6 +120,12 @@ class MultiLabelClassificationTask(FloatTargetTask):
         layout_of_data = getattr(self.datamodule(), "targets", None)
         self.separator = self.separator or getattr(layout_of_data, "separator", None) or DEFAULT_SEPARATOR
         self.hparams.update(self.learnt_hparams() | {"separator": self.separator})
+        if self.tune_thresholds:
+            # Lightning computes the metrics logged in validation_step before on_validation_epoch_end, where
+            # the thresholds are tuned: validation F1 is kept apart and logged there, at the tuned thresholds.
+            scores = dict(self.val_metrics.items(keep_base=True))
+            self.val_metrics = _collection({n: m for n, m in scores.items() if n not in DECIDED}, "val/")
+            self.val_decisions = _collection({n: m for n, m in scores.items() if n in DECIDED}, "val/")
         return model, layout
 
     @override
@@ -137,13 +143,12 @@ class MultiLabelClassificationTask(FloatTargetTask):
     def make_metrics(self, labels: list[str]) -> MetricCollection:
         """``f1_micro``, ``f1_macro`` (fed decisions at the thresholds) and ``map``."""
         count = len(labels)
-        return MetricCollection(
+        return _collection(
             {
                 "f1_micro": MultilabelF1Score(num_labels=count, average="micro"),
                 "f1_macro": MultilabelF1Score(num_labels=count, average="macro"),
                 "map": MultilabelAveragePrecision(num_labels=count, average="macro", thresholds=AP_BINS),
-            },
-            compute_groups=False,  # members are fed different inputs (decisions or probabilities)
+            }
         )
 
     @override
@@ -194,21 +199,25 @@ class MultiLabelClassificationTask(FloatTargetTask):
 
     @override
     def on_validation_epoch_end(self) -> None:
+        """With ``tune_thresholds``: tune the thresholds on this pass's outputs (in a fit, after its sanity
+        check), then log validation F1 at them."""
         outputs, self._val_outputs = self._val_outputs, []
-        trainer = self.trainer
-        if not outputs or trainer.sanity_checking or trainer.state.fn != "fit":
+        if not outputs:
             return
         probabilities = torch.cat([p for p, _ in outputs])
         targets = torch.cat([t for _, t in outputs])
-        everyone = (_gather_rows(self, probabilities), _gather_rows(self, targets))
-        self.label_thresholds.copy_(best_thresholds(*everyone, self.label_thresholds))
-        # Lightning computes the logged validation metrics after this hook: F1 is re-read at the new thresholds.
-        decided = [
-            (name, metric) for name, metric in self.val_metrics.items(keep_base=True) if name in DECIDED
-        ]
-        for _, metric in decided:
-            metric.reset()
-        _feed(decided, probabilities, targets, self.label_thresholds)
+        trainer = self.trainer
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            everyone = (_gather_rows(self, probabilities), _gather_rows(self, targets))
+            self.label_thresholds.copy_(best_thresholds(*everyone, self.label_thresholds))
+        _feed(self.val_decisions.items(keep_base=True), probabilities, targets, self.label_thresholds)
+        self.log_dict(self.val_decisions.compute(), prog_bar=True)  # computed over every process's rows
+        self.val_decisions.reset()
+
+
+def _collection(metrics: dict[str, Metric], prefix: str | None = None) -> MetricCollection:
+    # Members are fed different inputs (decisions or probabilities): no shared state between them.
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 def _feed(
