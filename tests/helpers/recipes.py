@@ -51,6 +51,22 @@ def image_recipe(checkpoint: Path, folder: Path, root: Path) -> dict[str, Any]:
     return recipe
 
 
+def tagging_recipe(bert_dir: Path, train: Path, val: Path, root: Path) -> dict[str, Any]:
+    """A token tagging recipe: TokenClassificationTask on ``bert_dir`` over CoNLL ``train``/``val`` files."""
+    recipe = text_recipe(bert_dir, train, root)
+    recipe["trainer"]["max_epochs"] = 4
+    recipe["model"] = {
+        "class_path": "finetune.tasks.token_classification.TokenClassificationTask",
+        "init_args": {"backbone": str(bert_dir), "strategy": "full"},
+    }
+    recipe["optimizer"] = {"name": "adamw", "lr": 0.005}
+    recipe["data"] = {
+        "class_path": "finetune.data.tagging.TokenTaggingData",
+        "init_args": {"train": str(train), "val": str(val), "batch_size": 16},
+    }
+    return recipe
+
+
 def write(recipe: dict[str, Any], path: Path) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
