@@ -504,6 +504,8 @@ class ConllChunks:
     A file is tagged when its first token line has two or more columns (the tag is the last); then every
     token line must have a tag, else none may. ``-DOCSTART-`` lines end a sentence and are skipped. Text is
     decoded as table files are (``DecodedText``); ``replaced`` counts the bytes that were not UTF-8.
+    ``dtype`` (``read_arrow`` re-reads columns of mixed types as text with it) is unused: every column here
+    is text.
     """
 
     def __init__(
@@ -675,7 +677,7 @@ def _warn_unseen(tokens: datasets.Dataset, split: str) -> None:
         sentences = pc.sum(pc.greater(unseen, 0)).as_py()
         logger.warning(
             "%s: %d words of %d sentences got no token (cut by data.max_length, or empty once tokenised); "
-            "they are not trained on, scored or predicted",
+            "they are neither trained on nor scored, and predictions tag them O",
             split,
             words,
             sentences,

@@ -10,7 +10,7 @@ import pytest
 
 from finetune.data.tagging import IGNORE, TokenTaggingData
 from finetune.errors import RecipeError
-from tests.helpers.tagging import save_tagger_bert, write_conll
+from tests.helpers.tagging import save_byte_level_tokenizer, save_tagger_bert, write_conll
 
 SENTENCES = [
     (["anna", "visited", "paris", "city"], ["B-PER", "O", "B-LOC", "I-LOC"]),
@@ -144,6 +144,19 @@ def test_first_sub_token_of_each_word_carries_its_tag(tmp_path, wordpiece_bert):
     assert "word_ids" not in batch  # training batches hold model inputs, labels and index only
     predict = first_batch(data, "predict")
     assert predict["word_ids"][0].tolist() == [-1, 0, 0, 1, 1, 2, 2, 3, -1] + [-1] * 7  # max_length wide
+
+
+def test_byte_level_bpe_tokenises_each_word_as_in_running_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    backbone = save_byte_level_tokenizer(tmp_path / "roberta")
+    path = write_conll(tmp_path / "train.conll", [(["anna", "visited", "paris"], ["B-PER", "O", "B-LOC"])])
+    data = TokenTaggingData(train=str(path), backbone=str(backbone), val_fraction=0)
+    batch = first_batch(data)
+    pieces = AutoTokenizer.from_pretrained(backbone).convert_ids_to_tokens(batch["input_ids"][0])
+    firsts = [piece for piece, label in zip(pieces, batch["labels"][0].tolist()) if label != IGNORE]
+    # Each word starts with the space RoBERTa sees before a word mid-sentence ("Ġ").
+    assert len(firsts) == 3 and all(piece.startswith("Ġ") for piece in firsts), pieces
 
 
 def test_batches_pad_labels_with_minus_100_and_keep_the_row_index(tmp_path, wordpiece_bert):

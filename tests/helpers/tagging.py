@@ -82,3 +82,21 @@ def write_conll(
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def save_byte_level_tokenizer(directory: Path) -> Path:
+    """A RoBERTa byte-level BPE tokenizer learnt from the tagging words, with a RoBERTa config (no weights:
+    enough for data modules), saved in ``directory``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    text = [" ".join(PERSON + PLACE + OTHER)] * 10
+    bpe.train_from_iterator(text, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(directory))
+    merges = [tuple(line.split()) for line in (directory / "merges.txt").read_text().splitlines()[1:] if line]
+    vocab = bpe.get_vocab()
+    RobertaTokenizer(vocab=vocab, merges=merges).save_pretrained(directory)
+    RobertaConfig(vocab_size=len(vocab)).save_pretrained(directory)
+    return directory

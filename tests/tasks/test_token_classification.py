@@ -248,8 +248,8 @@ def test_distillation_from_an_exported_token_classifier(tagger_bert, rule_files,
 
 
 def test_predictions_are_written_per_word_with_their_entities(tagger_bert, tmp_path):
-    sentences = [(["annas", "visiting", "paris"], None), (["bob", "likes", "berlin", "city", "today"], None)]
-    path = write_conll(tmp_path / "new.conll", sentences)
+    words = [["annas", "visiting", "paris"], ["bob", "likes", "berlin", "city", "today"]]
+    path = write_conll(tmp_path / "new.conll", [(sentence, rule_tags(sentence)) for sentence in words])
     # [CLS] + 4 tokens + [SEP]: "annas visiting" fill the 4 tokens, so "paris" is cut; so is "today".
     data = TokenTaggingData(predict=str(path), backbone=str(tagger_bert), max_length=6)
     task = TokenClassificationTask(str(tagger_bert), labels=TAGS)
@@ -262,6 +262,7 @@ def test_predictions_are_written_per_word_with_their_entities(tagger_bert, tmp_p
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert predictions["tokens"].tolist() == ["annas visiting paris", "bob likes berlin city today"]
     assert predictions["tags"].tolist() == ["B-PER B-PER O", "B-PER B-PER B-PER B-PER O"]
+    assert predictions["gold_tags"].tolist() == ["B-PER O B-LOC", "B-PER O B-LOC I-LOC O"]
     entities = json.loads(predictions["entities"][0])
     assert entities == [
         {"type": "PER", "start": 0, "end": 1, "text": "annas"},
