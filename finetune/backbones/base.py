@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from finetune.errors import RecipeError
 from finetune.paths import is_local_path, resolve_path
 from finetune.registry import Registry
+
+if TYPE_CHECKING:
+    from finetune.backbones.heads import Head
 
 KEY = "model.backbone"
 
@@ -37,10 +40,12 @@ class BackboneLoader(Protocol):
         labels: list[str],
         options: Mapping[str, Any],
         per_token: bool = False,
+        head: Head | None = None,
     ) -> Classifier:
         """Load with a new head for ``labels``; ``options`` come from the strategy (``Strategy.load_options``).
         ``per_token``: a head that classifies every token (token classification) instead of the whole input;
-        ``RecipeError`` if the family has none."""
+        ``RecipeError`` if the family has none. ``head``: the recipe's pooling and head layers
+        (``finetune.backbones.heads``); None: the family's default head."""
 
     def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
         """Load a decoder-only language model with its LM head; raise ``RecipeError`` if the family has none."""
@@ -202,11 +207,16 @@ class Backbone:
         return self.resolve()[0].family
 
     def load_classifier(
-        self, labels: list[str], options: Mapping[str, Any] | None = None, per_token: bool = False
+        self,
+        labels: list[str],
+        options: Mapping[str, Any] | None = None,
+        per_token: bool = False,
+        head: Head | None = None,
     ) -> Classifier:
-        """The model with a new head for ``labels``, per input or, with ``per_token``, per token."""
+        """The model with a new head for ``labels``, per input or, with ``per_token``, per token; ``head``
+        chooses the pooling and head layers (default: the family's own)."""
         loader, source = self.resolve()
-        return loader.load_classifier(source, self, labels, options or {}, per_token=per_token)
+        return loader.load_classifier(source, self, labels, options or {}, per_token=per_token, head=head)
 
     def load_causal_lm(self, options: Mapping[str, Any] | None = None) -> Any:
         loader, source = self.resolve()

@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, ImageConfig, check_feature
+from finetune.backbones.heads import (
+    Head,
+    PooledClassifier,
+    load_head_weights,
+    saved_head,
+    sentence_transformers_pooling,
+)
 from finetune.errors import RecipeError, first_line
 
 HUB_HINT = "pass a local folder, or download it once and set HF_HUB_OFFLINE=1"
@@ -45,7 +52,11 @@ class HFLoader:
         labels: list[str],
         options: Mapping[str, Any],
         per_token: bool = False,
+        head: Head | None = None,
     ) -> Classifier:
+        """The model's own ``*ForSequence/Image/TokenClassification`` head, or a ``PooledClassifier`` when
+        the recipe gives a ``head`` or the folder carries one (a sentence-transformers pooling, or the
+        ``head.json`` of an export, whose trained head is loaded when its labels are these)."""
         from transformers import AutoConfig
 
         config = _reading(
@@ -59,10 +70,51 @@ class HFLoader:
                 **_hub_kwargs(backbone),
             ),
         )
-        auto = self._auto_class(config, per_token)
-        options = self._heads_unquantised(auto, config, backbone, options)
-        model = self._load(auto, source, config, backbone, options, ignore_mismatched_sizes=True)
-        return Classifier(model=model, head=self._head(model))
+        saved = saved_head(Path(source)) if Path(source).is_dir() else None
+        pooling = None if per_token else self._pooling(source, backbone, head, saved)
+        if pooling is None:
+            auto = self._auto_class(config, per_token)
+            options = self._heads_unquantised(auto, config, backbone, options)
+            model = self._load(auto, source, config, backbone, options, ignore_mismatched_sizes=True)
+            return Classifier(model=model, head=self._head(model))
+        from transformers import AutoModel
+
+        spec = head or Head(hidden=saved.get("hidden") if saved else None)
+        encoder = self._load(AutoModel, source, config, backbone, options, **_without_pooler(config, pooling))
+        model = PooledClassifier(encoder, len(labels), spec, pooling)
+        if saved is not None and saved.get("labels") == labels and backbone.pretrained:
+            load_head_weights(model, Path(source))
+        return Classifier(model=model, head=("head",))
+
+    def _pooling(
+        self, source: str, backbone: Backbone, head: Head | None, saved: dict[str, Any] | None
+    ) -> str | None:
+        """The pooling of a ``PooledClassifier``: the recipe's, else an export's or a sentence-transformers
+        model's own; None keeps the model's own classification head."""
+        if head is not None:
+            head.check_pooling("Hugging Face")
+        if head is not None and head.pooling is not None:
+            return head.pooling
+        found = saved.get("pooling") if saved else self._sentence_transformers_pooling(source, backbone)
+        if found is None and head is not None:
+            return "cls"  # dropout or a hidden layer asked for, on the first token as BERT's head reads it
+        return found
+
+    @staticmethod
+    def _sentence_transformers_pooling(source: str, backbone: Backbone) -> str | None:
+        from transformers.utils import cached_file
+
+        def read(name: str) -> Any:
+            path = cached_file(
+                source, name, _raise_exceptions_for_missing_entries=False, **_hub_kwargs(backbone)
+            )
+            return json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+
+        try:
+            modules = read("modules.json")
+        except (OSError, ValueError):
+            return None  # no hub access: the model's own head
+        return sentence_transformers_pooling(modules or [], read)
 
     def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -189,7 +241,11 @@ class HFLoader:
     ) -> None:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {label: i for i, label in enumerate(labels)}
-        model.save_pretrained(path)
+        if isinstance(model, PooledClassifier):
+            model.encoder.save_pretrained(path)
+            model.save_head(path, labels)
+        else:
+            model.save_pretrained(path)
         _, source = backbone.resolve()
         if image is not None:
             processor_for(self._image_processor(source, backbone), image).save_pretrained(path)
@@ -208,6 +264,19 @@ class HFLoader:
 
 
 LOADERS.register("hf")(HFLoader())
+
+
+def _without_pooler(config: Any, pooling: str) -> dict[str, Any]:
+    """``add_pooling_layer=False`` for base models that take it, unless the head reads the pooler: an unused
+    pooler would sit in the model, in the optimizer of partial and LoRA fine-tunes, and in the export."""
+    import inspect
+
+    from transformers import MODEL_MAPPING
+
+    if pooling == "pooler" or type(config) not in MODEL_MAPPING:
+        return {}
+    parameters = inspect.signature(MODEL_MAPPING[type(config)].__init__).parameters
+    return {"add_pooling_layer": False} if "add_pooling_layer" in parameters else {}
 
 
 def hidden_features(hidden_states: Any, attention_mask: Any, names: tuple[str, ...]) -> dict[str, Any]:

@@ -6,11 +6,14 @@ import difflib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune.backbones.base import KEY, LOADERS, Backbone, Classifier, ImageConfig, check_feature
-from finetune.errors import RecipeError, first_line
+from finetune.errors import RecipeError, first_line, require
 from finetune.paths import resolve_path
+
+if TYPE_CHECKING:
+    from finetune.backbones.heads import Head
 
 
 def _check_name(name: str) -> None:
@@ -56,6 +59,7 @@ class TimmLoader:
         labels: list[str],
         options: Mapping[str, Any],
         per_token: bool = False,
+        head: Head | None = None,
     ) -> Classifier:
         if per_token:
             raise RecipeError(
@@ -69,7 +73,9 @@ class TimmLoader:
                 "Face model; timm models load unquantised (use lora)",
             )
         pretrained = backbone.pretrained or bool(backbone.checkpoint)
-        model = self._create(source, backbone.checkpoint, pretrained=pretrained, num_classes=len(labels))
+        model = self._create(
+            source, backbone.checkpoint, pretrained=pretrained, num_classes=len(labels), **_head_args(head)
+        )
         head = model.get_classifier()
         names = tuple(name for name, module in model.named_modules() if module is head)
         return Classifier(model=model, head=names)
@@ -135,9 +141,32 @@ class TimmLoader:
             model,
             str(path),
             model_config={"num_classes": len(labels), "label_names": list(labels)},
+            model_args=_pooling_args(model),
             safe_serialization=True,
             data_config=image.timm_args() if image is not None else None,
         )
 
 
 LOADERS.register("timm")(TimmLoader())
+
+
+def _head_args(head: Head | None) -> dict[str, Any]:
+    """``timm.create_model`` keywords for the recipe's head: ``global_pool`` and ``drop_rate``."""
+    if head is None:
+        return {}
+    require(
+        head.hidden is None,
+        "model.head.hidden",
+        "timm heads have no hidden layer; leave it unset (or use a Hugging Face image model)",
+    )
+    args: dict[str, Any] = {"drop_rate": head.dropout}
+    if head.pooling is not None:
+        args["global_pool"] = head.pooling
+    return args
+
+
+def _pooling_args(model: Any) -> dict[str, Any]:
+    """The model's ``global_pool`` (a recipe may have changed it), so that the export rebuilds with it."""
+    pooling = getattr(model, "global_pool", None)
+    pooling = getattr(pooling, "pool_type", pooling)  # CNNs hold a SelectAdaptivePool2d, ViTs a string
+    return {"global_pool": pooling} if isinstance(pooling, str) else {}

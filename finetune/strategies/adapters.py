@@ -64,25 +64,36 @@ def is_quantised(model: nn.Module) -> bool:
     return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
 
 
-def save_adapter(model: nn.Module, directory: Path, base_model: str) -> None:
+def save_adapter(model: nn.Module, directory: Path, base_model: str, root: str = "") -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for ``PeftModel.from_pretrained(base, dir)``.
 
-    Fully trained modules (the head) go in as peft ``modules_to_save``, so peft restores them too.
+    Fully trained modules (the head) go in as peft ``modules_to_save``, so peft restores them too. With
+    ``root``, the adapters of that submodule alone, named as in it (the base model of a
+    ``PooledClassifier``, which peft loads on ``AutoModel``); what trains outside it is the caller's to save.
     """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    modules_to_save = fully_trained_modules(model)
+    prefix = f"{root}." if root else ""
+    modules_to_save = [m[len(prefix) :] for m in fully_trained_modules(model) if m.startswith(prefix)]
     config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
     config.modules_to_save = modules_to_save or None
+    if prefix and isinstance(config.target_modules, (list, set, tuple)):
+        config.target_modules = sorted(
+            m[len(prefix) :] if m.startswith(prefix) else m for m in config.target_modules
+        )
     config.base_model_name_or_path = base_model
     config.inference_mode = True
     config.save_pretrained(str(directory))
     state = dict(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
     parameters = dict(model.named_parameters())
     for module in modules_to_save:
-        state.update({name: p for name, p in parameters.items() if name.startswith(module + ".")})
-    tensors = {PEFT_PREFIX + name: t.detach().cpu().contiguous() for name, t in state.items()}
+        state.update({name: p for name, p in parameters.items() if name.startswith(prefix + module + ".")})
+    tensors = {
+        PEFT_PREFIX + name[len(prefix) :]: t.detach().cpu().contiguous()
+        for name, t in state.items()
+        if name.startswith(prefix)
+    }
     save_file(tensors, str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 

@@ -16,12 +16,14 @@ from typing_extensions import override
 
 from finetune.backbones import Backbone
 from finetune.backbones.base import ImageConfig
+from finetune.backbones.heads import Head, PooledClassifier
 from finetune.backbones.layout import Layout, discover_layout
 from finetune.batch import model_inputs
 from finetune.data.transforms import TARGETS
 from finetune.errors import RecipeError, require
 from finetune.export import write_atomically, write_model
 from finetune.strategies import Strategy
+from finetune.strategies.adapters import has_adapters, save_adapter
 from finetune.tasks.base import FinetuneTask, Monitor
 from finetune.tasks.loss_terms import StepOutputs
 
@@ -45,6 +47,10 @@ class ClassificationTask(FinetuneTask):
             strategy object (``class_path``/``init_args`` in a recipe).
         labels: class names in index order; default: the datamodule's labels.
         label_smoothing: cross-entropy label smoothing (of soft MixUp/CutMix targets too).
+        head: the classification head (``finetune.backbones.heads.Head``): ``pooling`` (Hugging Face:
+            ``cls``, ``pooler``, ``mean``, ``max``, ``last``; timm: its ``global_pool``), ``dropout``,
+            ``hidden``. Default: the model's own head; a sentence-transformers folder pools as it was
+            trained to (e.g. ``mean``).
         image_config: how evaluation prepares images, which the export records (image data); default: the
             datamodule's ``image_config()``, read when the model is built and kept in checkpoints. Give it
             only to rebuild a task without its data.
@@ -61,6 +67,7 @@ class ClassificationTask(FinetuneTask):
         strategy: str | Strategy = "full",
         labels: list[str] | None = None,
         label_smoothing: float = 0.0,
+        head: Head | None = None,
         image_config: ImageConfig | None = None,
         **kwargs: Any,
     ) -> None:
@@ -70,10 +77,16 @@ class ClassificationTask(FinetuneTask):
         )
         self.labels = list(labels) if labels is not None else None
         self.label_smoothing = label_smoothing
+        self.head = Head.of(head)
         self.image_config = ImageConfig.of(image_config) if image_config is not None else None
         self.save_hyperparameters(
             self.base_hparams()
-            | {"labels": self.labels, "label_smoothing": label_smoothing, "image_config": self._plain_image()}
+            | {
+                "labels": self.labels,
+                "label_smoothing": label_smoothing,
+                "head": self.head.plain() if self.head is not None else None,
+                "image_config": self._plain_image(),
+            }
         )
 
     def _plain_image(self) -> dict[str, Any] | None:
@@ -81,7 +94,7 @@ class ClassificationTask(FinetuneTask):
 
     def build_model(self) -> tuple[nn.Module, Layout]:
         labels = self._resolve_labels()
-        classifier = self.backbone.load_classifier(labels, self.strategy.load_options())
+        classifier = self.backbone.load_classifier(labels, self.strategy.load_options(), head=self.head)
         self.labels = labels
         self.hparams["labels"] = labels
         self.image_config = self._resolve_image_config()
@@ -132,7 +145,8 @@ class ClassificationTask(FinetuneTask):
     # --- building ---------------------------------------------------------------------------------------
 
     def load_backbone(self, options: Mapping[str, Any]) -> nn.Module:
-        return self.backbone.load_classifier(self.labels or self._resolve_labels(), options).model
+        labels = self.labels or self._resolve_labels()
+        return self.backbone.load_classifier(labels, options, head=self.head).model
 
     def _resolve_labels(self) -> list[str]:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -202,7 +216,9 @@ class ClassificationTask(FinetuneTask):
 
     def export(self, directory: Path, merge: bool = False) -> Path:
         """Write the model in its native format (HF folder or timm config + safetensors) with ``labels.json``;
-        an image model's export records ``image_config``, so that it preprocesses as validation did.
+        an image model's export records ``image_config``, so that it preprocesses as validation did. A
+        recipe-chosen head on a Hugging Face model (``PooledClassifier``) is the base model's folder
+        (``AutoModel``) plus ``head.safetensors`` and ``head.json``.
 
         Under an adapter strategy the adapters alone are written, in peft's format, unless ``merge``.
         """
@@ -211,7 +227,12 @@ class ClassificationTask(FinetuneTask):
             self.loader.export(model, target, self.labels, self.backbone, image=self.image_config)
 
         def write(target: Path) -> None:
-            write_model(self, target, merge, save_plain)
+            if isinstance(self.model, PooledClassifier) and has_adapters(self.model) and not merge:
+                # peft loads adapters onto AutoModel (the encoder); the head beside them, as in plain exports.
+                save_adapter(self.model, target, base_model=self.backbone.name, root="encoder")
+                self.model.save_head(target, self.labels)
+            else:
+                write_model(self, target, merge, save_plain)
             self.export_files(target)
 
         return write_atomically(directory, write)

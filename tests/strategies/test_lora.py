@@ -11,36 +11,9 @@ from finetune.strategies import LoRA, QLoRA, adapter_parameter_names, resolve_st
 from finetune.strategies.adapters import adapter_targets
 from finetune.tasks import ClassificationTask, SFTTask
 from tests.helpers.batches import LABELS, image_batch, lm_batch, text_batch
+from tests.helpers.steps import assert_adapters_and, step
 
 CPU_QLORA = {"compute_dtype": "float32"}
-
-
-def step(task, batch) -> tuple[set[str], set[str]]:
-    """One SGD step on the task's loss; (changed, trainable) parameter names."""
-    task.configure_model()
-    task.train()
-    before = {n: p.detach().clone() for n, p in task.named_parameters()}
-    optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.5)
-    if isinstance(task, SFTTask):
-        loss = task.token_losses(batch)[0]
-    else:
-        loss = torch.nn.functional.cross_entropy(task(batch), batch["labels"])
-    loss.backward()
-    optimizer.step()
-    changed = {n for n, p in task.named_parameters() if not torch.equal(p, before[n])}
-    return changed, {n for n, p in task.named_parameters() if p.requires_grad}
-
-
-def assert_adapters_and(task, batch, head: tuple[str, ...]) -> None:
-    changed, trainable = step(task, batch)
-    adapters = set(adapter_parameter_names(task))
-    assert adapters, "no adapter parameters"
-    expected = adapters | {n for n, _ in task.named_parameters() if n.startswith(head)} if head else adapters
-    assert trainable == expected
-    # LoRA's B starts at zero, so A gets no gradient in the first step: every B must change, and
-    # nothing outside the expected set may.
-    assert not changed - expected, f"frozen parameters changed: {changed - expected}"
-    assert {n for n in expected if "lora_A" not in n} <= changed
 
 
 def bert(tiny_bert_dir, strategy):

@@ -10,31 +10,7 @@ from finetune.errors import RecipeError
 from finetune.strategies import STRATEGIES, Freeze, Full, Partial, resolve_strategy
 from finetune.tasks import ClassificationTask
 from tests.helpers.batches import LABELS, image_batch, text_batch
-
-
-def one_step(task: ClassificationTask, batch) -> tuple[set[str], set[str], dict[str, torch.Tensor]]:
-    """Run one SGD step; return (changed, trainable) parameter names and the buffers before the step."""
-    task.configure_model()
-    task.train()
-    before = {n: p.detach().clone() for n, p in task.named_parameters()}
-    buffers = {n: b.detach().clone() for n, b in task.named_buffers()}
-    optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.5)
-    loss = torch.nn.functional.cross_entropy(task(batch), batch["labels"])
-    loss.backward()
-    optimizer.step()
-    changed = {n for n, p in task.named_parameters() if not torch.equal(p, before[n])}
-    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
-    return changed, trainable, buffers
-
-
-def assert_exactly(task, batch, expected_prefixes: tuple[str, ...]):
-    changed, trainable, _ = one_step(task, batch)
-    names = {n for n, _ in task.named_parameters()}
-    expected = {n for n in names if n.startswith(expected_prefixes)}
-    assert trainable == expected
-    assert changed == expected, (
-        f"unchanged trainable: {expected - changed}; changed frozen: {changed - expected}"
-    )
+from tests.helpers.steps import assert_exactly, one_step
 
 
 @pytest.fixture
