@@ -21,14 +21,16 @@ log = logging.getLogger(__name__)
 
 
 def run_plan(trainer: pl.Trainer, module: pl.LightningModule, placement: Placement | None = None) -> str:
-    """The plan as text: parameter groups, blocks, accumulation and schedule, memory estimate per device,
-    and for image data how images are prepared.
+    """The plan as text: the task (``describe_task`` of finetune tasks), parameter groups, blocks,
+    accumulation and schedule, memory estimate per device, and for image data how images are prepared.
 
     ``placement`` (default: the trainer's own) says over how many processes what is sharded; the ``plan``
     command passes the recipe's, since it builds everything on one device.
     """
     placement = placement or placement_of(trainer)
+    describe = getattr(module, "describe_task", None)
     sections = [
+        ("Task", describe() if callable(describe) else ""),
         ("Parameter groups", groups_table(trainer)),
         ("Blocks (bottom to top)", blocks_table(trainer, module)),
         ("Steps and schedule", schedule_lines(trainer)),

@@ -116,6 +116,11 @@ class FinetuneTask(pl.LightningModule):
         """Write the model so that it loads without ``finetune``; adapters alone unless ``merge``."""
         raise NotImplementedError
 
+    def describe_task(self) -> str:
+        """What is trained, in a line or two, for the run plan: the task, its backbone and model class."""
+        model = type(self.model).__name__ if self.model is not None else "not built"
+        return f"{type(self).__name__} on {self.backbone.name} ({model})"
+
     def distillation_loss(
         self, student: torch.Tensor, teacher: torch.Tensor, temperature: float
     ) -> torch.Tensor:

@@ -105,6 +105,24 @@ class ClassificationTask(FinetuneTask):
         self.test_metrics = metrics.clone(prefix="test/")
         return classifier.model, discover_layout(classifier.model, classifier.head)
 
+    @override
+    def describe_task(self) -> str:
+        """The task line, the labels, and the head: the model's own or the recipe's pooling head."""
+        labels = self.labels or []
+        shown = ", ".join(labels[:8]) + (f" ... ({len(labels)})" if len(labels) > 8 else "")
+        lines = [super().describe_task(), f"labels: {shown}"]
+        if isinstance(self.model, PooledClassifier):
+            spec = self.model.spec
+            hidden = f", hidden layer {spec.hidden}" if spec.hidden else ""
+            lines.append(f"head: {self.model.pooling} pooling, dropout {spec.dropout:g}{hidden}, then linear")
+        elif self.head is not None and self.head.pooling is not None:
+            lines.append(
+                f"head: {self.head.pooling} pooling (timm global_pool), dropout {self.head.dropout:g}"
+            )
+        else:
+            lines.append("head: the model's own, new for these labels")
+        return "\n".join(lines)
+
     # --- what subclasses for other targets (multi-label, regression) change ----------------------------
 
     def make_metrics(self, labels: list[str]) -> MetricCollection:
