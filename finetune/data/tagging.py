@@ -3,58 +3,52 @@ tokenised for a Hugging Face encoder and aligned to its sub-tokens.
 
 Sentences come from CoNLL-style files, JSON lines / Parquet tables or a Hugging Face dataset and are kept in
 memory-mapped Arrow files (``finetune.data.arrow``), in two columns: ``tokens`` (the words) and ``tags``
-(absent for unlabelled predict data). Each split is tokenised once by a cached ``Dataset.map``, and batches
-gather their rows from those files, so memory does not grow with the corpus.
+(absent for unlabelled predict data; reading: ``finetune.data.sentences``). Each split is tokenised once by a
+cached ``Dataset.map`` (alignment and batches: ``finetune.data.word_tokens``), and batches gather their rows
+from those files, so memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Iterator
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from finetune.batch import INDEX, LABELS
+from finetune.batch import LABELS
 from finetune.data.arrow import cached_map, fingerprint, read_arrow, reopened
 from finetune.data.classification import MISSING_SPLIT_FIX, STAGE_SPLITS, NamedTable
 from finetune.data.labels import checked_labels
 from finetune.data.loaders import LoaderDataModule
 from finetune.data.rows import ArrowRows
+from finetune.data.sentences import (
+    CONLL_FORMATS,
+    TAGS,
+    TOKENS,
+    ConllChunks,
+    load_dataset_dict,
+    sentence_files,
+    standard_sentences,
+    tag_names,
+)
 from finetune.data.splits import check_hold_out, hold_out
-from finetune.data.tables import BLOCK, DecodedText
 from finetune.data.text import DATASET_SPLITS
-from finetune.data.tokens import Padding, TokenizerOfBackbone, gather
-from finetune.errors import RecipeError, first_line, require
-from finetune.paths import is_local_path, resolve_path
+from finetune.data.tokens import Padding, TokenizerOfBackbone
+from finetune.data.word_tokens import IGNORE, UNSEEN, WORD_IDS, TaggedDataset, encode_words, warn_unseen
+from finetune.errors import RecipeError, require
+from finetune.paths import resolve_path
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
 
-# The columns every split is kept in, whatever its source names them.
-TOKENS = "tokens"
-TAGS = "tags"
-# Batch key of predict batches: each token's word (-1: a special token or padding). Not a model input.
-WORD_IDS = "word_ids"
-# The label of sub-tokens that are not the first of their word, of special tokens and of padding.
-IGNORE = -100
-OUTSIDE = "O"
-
-CONLL_FORMATS = (".conll", ".iob", ".txt")
-TABLE_FORMATS = (".jsonl", ".json", ".parquet")
-DOCSTART = "-DOCSTART-"
-CHUNK_SENTENCES = 10_000  # sentences per DataFrame when converting a CoNLL file
+OUTSIDE = "O"  # the tag of words outside every entity: first in the default tag order
 
 
 class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
@@ -204,6 +198,10 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
         print_ = fingerprint(self.dataset, self.dataset_config, name, files or part.data)
         return self._standard(part, print_, "data.dataset", f"{self.dataset}[{name}]")
 
+    def _standard(self, rows: datasets.Dataset, print_: str, key: str, name: str) -> NamedTable:
+        columns = {"data.tokens_column": self.tokens_column, "data.tags_column": self.tags_column}
+        return NamedTable(standard_sentences(rows, print_, key, name, columns, self.cache), name)
+
     def _read_files(self, path: Path, key: str) -> NamedTable:
         files = sentence_files(path, key)
         if files[0].suffix.lower() in CONLL_FORMATS:
@@ -212,53 +210,10 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
         rows, print_ = read_arrow(files, key, self.encoding, self.cache)
         return self._standard(rows, print_, key, path.name)
 
-    def _standard(self, rows: datasets.Dataset, print_: str, key: str, name: str) -> NamedTable:
-        """A table's or dataset's sentences in the ``tokens``/``tags`` columns, checked: lists of words, as
-        many tags as words, ``ClassLabel`` ids as their names (a cached map)."""
-        from datasets import ClassLabel, Features, List, Value
-
-        columns = [c for c in (self.tokens_column, self.tags_column) if c in rows.column_names]
-        require(
-            self.tokens_column in columns,
-            "data.tokens_column",
-            f"column {self.tokens_column!r} not in {name}; columns are: {', '.join(rows.column_names)}",
-        )
-        feature = getattr(rows.features.get(self.tags_column), "feature", None)
-        names = list(feature.names) if isinstance(feature, ClassLabel) else None
-        step = fingerprint(print_, "sentences", columns, names)
-        tagged = len(columns) == 2
-        standard = cached_map(
-            reopened(rows).select_columns(columns),
-            _standard_rows,
-            folder=self.cache / "sentences",
-            key=step,
-            input_columns=columns,
-            remove_columns=columns,
-            with_indices=True,
-            features=Features({column: List(Value("string")) for column in (TOKENS, TAGS)[: len(columns)]}),
-            fn_kwargs={"key": key, "name": name, "columns": columns, "names": names},
-            desc=f"reading {name}",
-        )
-        if not tagged:
-            logger.info("%s has no column %r: its sentences are untagged", name, self.tags_column)
-        return NamedTable(ArrowRows(standard, step, self.cache), name)
-
     @cached_property
     def _hf_dataset(self) -> Any:
         """The ``datasets.DatasetDict`` named by ``dataset``, loaded once."""
-        import datasets
-
-        name = self.dataset
-        source = str(resolve_path(name, "data.dataset")) if is_local_path(name) else name
-        try:
-            loaded = datasets.load_dataset(source, self.dataset_config)
-        except (datasets.exceptions.DatasetsError, OSError, ConnectionError, ValueError) as error:
-            raise RecipeError(
-                "data.dataset",
-                f"cannot load {name!r} ({first_line(error)}); give a local dataset folder or a cached dataset name",
-            ) from error
-        logger.info("loaded dataset %s with splits %s", name, ", ".join(loaded))
-        return loaded
+        return load_dataset_dict(self.dataset, self.dataset_config)
 
     # --- tags ---------------------------------------------------------------------------------------------
 
@@ -401,16 +356,16 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
         features = {name: List(Value(types.get(name, "int32"))) for name in outputs}
         tokens = cached_map(
             reopened(rows.rows).select_columns(columns),
-            _encode_words,
+            encode_words,
             folder=self.cache / "tagged-tokens",
             key=key,
             input_columns=columns,
             remove_columns=columns,
-            features=Features(features | {"unseen": Value("int32")}),
+            features=Features(features | {UNSEEN: Value("int32")}),
             fn_kwargs={"tokenizer": self.tokenizer, "max_length": length, "tag_ids": tag_ids},
             desc=f"tokenizing {split}",
         )
-        _warn_unseen(tokens, split)
+        warn_unseen(tokens, split)
         batch_columns = [*inputs, WORD_IDS if predict else LABELS]
         padding = Padding.of(self.tokenizer)
         padding = replace(padding, fills={**padding.fills, LABELS: IGNORE, WORD_IDS: -1})
@@ -463,222 +418,3 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
     @override
     def predict_dataloader(self) -> DataLoader:
         return self.eval_loader(self.split_dataset("predict"))
-
-
-class TaggedDataset(Dataset):
-    """Tokenised sentences in a memory-mapped Arrow file; item ``i`` is row ``i``'s token columns plus
-    ``index``. ``collate`` pads a batch to its longest row (``labels`` with -100), and ``word_ids`` to
-    ``width``. Pickles as the file's path (cheap to send to loader workers)."""
-
-    def __init__(self, tokens: datasets.Dataset, padding: Padding, width: int) -> None:
-        self.tokens = tokens
-        self.padding = padding
-        self.width = width
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, row: int) -> dict[str, Any]:
-        return self.__getitems__([row])[0]
-
-    def __getitems__(self, rows: list[int]) -> list[dict[str, Any]]:
-        items = gather(self.tokens, rows)
-        for item, row in zip(items, rows):
-            item[INDEX] = row
-        return items
-
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        index = torch.tensor([item[INDEX] for item in items], dtype=torch.long)
-        batch = self.padding([{k: v for k, v in item.items() if k != INDEX} for item in items])
-        if WORD_IDS in batch:
-            word_ids = batch[WORD_IDS]
-            batch[WORD_IDS] = F.pad(word_ids, (0, self.width - word_ids.shape[1]), value=-1)
-        batch[INDEX] = index
-        return batch
-
-
-class ConllChunks:
-    """The sentences of a CoNLL file as DataFrames (columns ``tokens`` and, when tagged, ``tags``) of at
-    most ``sentences`` rows, read in one pass per iteration: the ``reader`` of ``read_arrow``.
-
-    A file is tagged when its first token line has two or more columns (the tag is the last); then every
-    token line must have a tag, else none may. ``-DOCSTART-`` lines end a sentence and are skipped. Text is
-    decoded as table files are (``DecodedText``); ``replaced`` counts the bytes that were not UTF-8.
-    ``dtype`` (``read_arrow`` re-reads columns of mixed types as text with it) is unused: every column here
-    is text.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        key: str,
-        encoding: str = "auto",
-        dtype: Any = None,
-        sentences: int = CHUNK_SENTENCES,
-    ) -> None:
-        self.path = path
-        self.key = key
-        self.encoding = encoding
-        self.sentences = sentences
-        self.replaced = 0
-
-    def __iter__(self) -> Iterator[pd.DataFrame]:
-        tagged: bool | None = None
-        first = 0  # the first token line: whether it had a tag decides for the file
-        found, words, tags = 0, [], []
-        sentences: list[tuple[list[str], list[str]]] = []
-        with DecodedText(self.path, self.encoding) as raw:
-            for number, line in enumerate(io.TextIOWrapper(io.BufferedReader(raw, BLOCK), "utf-8"), 1):
-                fields = line.split()
-                if fields and fields[0] != DOCSTART:
-                    if tagged is None:
-                        tagged, first = len(fields) > 1, number
-                    if (len(fields) > 1) != tagged:
-                        raise self._mixed(number, line, first)
-                    words.append(fields[0])
-                    tags.append(fields[-1])
-                    continue
-                if words:
-                    sentences.append((words, tags))
-                    words, tags = [], []
-                if len(sentences) >= self.sentences:
-                    found += len(sentences)
-                    yield _frame(sentences, bool(tagged))
-                    sentences = []
-            self.replaced = raw.replaced
-        if words:
-            sentences.append((words, tags))
-        if not found and not sentences:
-            raise RecipeError(
-                self.key,
-                f"{self.path.name} has no sentences; give one token per line (its tag in the last column) "
-                "and a blank line between sentences",
-            )
-        if sentences:
-            yield _frame(sentences, bool(tagged))
-
-    def _mixed(self, number: int, line: str, first: int) -> RecipeError:
-        """A token line whose taggedness differs from the file's first token line (``first``)."""
-        where = (
-            f"line {first} has no tag but line {number} has one"
-            if number != first and len(line.split()) > 1
-            else f"line {number} ({line.strip()!r}) has no tag"
-        )
-        return RecipeError(
-            self.key,
-            f"{self.path.name} {where}; give every token its tag in the last column (predict files: none)",
-        )
-
-
-def _frame(sentences: list[tuple[list[str], list[str]]], tagged: bool) -> pd.DataFrame:
-    columns = {TOKENS: [words for words, _ in sentences]}
-    if tagged:
-        columns[TAGS] = [tags for _, tags in sentences]
-    return pd.DataFrame(columns)
-
-
-def sentence_files(path: Path, key: str) -> list[Path]:
-    """``path`` itself, or the files in folder ``path`` in name order; all CoNLL or all tables, else
-    RecipeError (``key``)."""
-    files = (
-        sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        if path.is_dir()
-        else [path]
-    )
-    require(bool(files), key, f"{path} holds no files; give CoNLL files or JSON lines / Parquet tables")
-    kinds = set()
-    for file in files:
-        suffix = file.suffix.lower()
-        require(
-            suffix in CONLL_FORMATS + TABLE_FORMATS,
-            key,
-            f"cannot read {file.name}: unknown extension {suffix!r}; use CoNLL ({', '.join(CONLL_FORMATS)}) "
-            f"or a table of word and tag lists ({', '.join(TABLE_FORMATS)})",
-        )
-        kinds.add(suffix in CONLL_FORMATS)
-    require(len(kinds) == 1, key, f"{path} mixes CoNLL files and tables; give files of one kind")
-    return files
-
-
-def tag_names(rows: ArrowRows) -> set[str]:
-    """The distinct tags of a split's sentences."""
-    import pyarrow.compute as pc
-
-    column = reopened(rows.rows).data.column(TAGS)
-    return {tag for tag in pc.unique(pc.list_flatten(column)).to_pylist() if tag is not None}
-
-
-def _standard_rows(*batch: Any, key: str, name: str, columns: list[str], names: list[str] | None) -> dict:
-    """Batched ``map`` step: words (and tags) as lists of strings, checked; ``ClassLabel`` ids as ``names``."""
-    *values, indices = batch
-    words = [_strings(value, columns[0], key, name, row) for value, row in zip(values[0], indices)]
-    if len(values) == 1:
-        return {TOKENS: words}
-    tags = []
-    for value, sentence, row in zip(values[1], words, indices):
-        sentence_tags = _strings(value, columns[1], key, name, row, names)
-        require(
-            len(sentence_tags) == len(sentence),
-            key,
-            f"{name} row {row} has {len(sentence)} words but {len(sentence_tags)} tags; give one tag per word",
-        )
-        tags.append(sentence_tags)
-    return {TOKENS: words, TAGS: tags}
-
-
-def _strings(
-    value: Any, column: str, key: str, name: str, row: int, names: list[str] | None = None
-) -> list[str]:
-    if not isinstance(value, list) or any(item is None for item in value):
-        raise RecipeError(key, f"{name} row {row}: {column!r} is {value!r}, not a list of words or tags")
-    return [names[item] for item in value] if names is not None else [str(item) for item in value]
-
-
-def _encode_words(
-    words: list[list[str]],
-    tags: list[list[str]] | None = None,
-    *,
-    tokenizer: Any,
-    max_length: int,
-    tag_ids: dict[str, int] | None,
-) -> dict[str, list]:
-    """Batched ``map`` step: token columns, each token's word (-1: special), the first sub-token labels
-    (with tags), and how many words of each sentence got no token (``unseen``)."""
-    encodings = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-    columns = {name: values for name, values in encodings.items() if name != "attention_mask"}
-    columns[WORD_IDS], columns["unseen"] = [], []
-    if tags is not None:
-        columns[LABELS] = []
-    for row, sentence in enumerate(words):
-        word_ids = [-1 if word is None else word for word in encodings.word_ids(row)]
-        columns[WORD_IDS].append(word_ids)
-        columns["unseen"].append(len(sentence) - len(set(word_ids) - {-1}))
-        if tags is not None:
-            columns[LABELS].append(first_token_labels(word_ids, [tag_ids[tag] for tag in tags[row]]))
-    return columns
-
-
-def first_token_labels(word_ids: list[int], word_tags: list[int]) -> list[int]:
-    """Per token: the tag id of its word on the word's first sub-token, -100 elsewhere (other sub-tokens,
-    special tokens: word -1)."""
-    labels, previous = [], -1
-    for word in word_ids:
-        labels.append(word_tags[word] if word >= 0 and word != previous else IGNORE)
-        previous = word
-    return labels
-
-
-def _warn_unseen(tokens: datasets.Dataset, split: str) -> None:
-    import pyarrow.compute as pc
-
-    unseen = reopened(tokens).data.column("unseen")
-    words = pc.sum(unseen).as_py() or 0
-    if words:
-        sentences = pc.sum(pc.greater(unseen, 0)).as_py()
-        logger.warning(
-            "%s: %d words of %d sentences got no token (cut by data.max_length, or empty once tokenised); "
-            "they are neither trained on nor scored, and predictions tag them O",
-            split,
-            words,
-            sentences,
-        )

@@ -18,7 +18,9 @@ from typing_extensions import override
 from finetune.backbones import Backbone
 from finetune.backbones.layout import Layout, discover_layout
 from finetune.batch import INDEX, LABELS, model_inputs
-from finetune.data.tagging import IGNORE, OUTSIDE, TAGS, TOKENS, WORD_IDS
+from finetune.data.sentences import TAGS, TOKENS
+from finetune.data.tagging import OUTSIDE
+from finetune.data.word_tokens import IGNORE, WORD_IDS
 from finetune.errors import RecipeError
 from finetune.export import write_atomically, write_model
 from finetune.strategies import Strategy

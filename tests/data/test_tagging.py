@@ -8,7 +8,8 @@ import logging
 
 import pytest
 
-from finetune.data.tagging import IGNORE, TokenTaggingData
+from finetune.data.tagging import TokenTaggingData
+from finetune.data.word_tokens import IGNORE
 from finetune.errors import RecipeError
 from tests.helpers.tagging import save_byte_level_tokenizer, save_tagger_bert, write_conll
 

@@ -17,7 +17,8 @@ import torch
 
 from finetune.callbacks import PredictionWriter
 from finetune.cli import main
-from finetune.data.tagging import IGNORE, TokenTaggingData
+from finetune.data.tagging import TokenTaggingData
+from finetune.data.word_tokens import IGNORE
 from finetune.distill import Distillation
 from finetune.distill.losses import LogitKD, TeacherOutputs
 from finetune.errors import RecipeError
