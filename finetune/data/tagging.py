@@ -286,12 +286,18 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
             self._splits.update(self._predict_split() if split == "predict" else self._fit_splits())
         return self._splits[split]
 
+    def table(self, split: str) -> datasets.Dataset | None:
+        """The sentences of ``split`` as a memory-mapped ``datasets.Dataset`` (row ``i`` has ``index`` ``i``
+        in batches), or None when there are none (as ``ClassificationData.table``)."""
+        rows = self.split_rows(split)
+        return None if rows is None else rows.rows
+
     def predict_table(self) -> datasets.Dataset:
         """The sentences of the predict split, in predict-loader order; join predictions on ``index``."""
-        rows = self.split_rows("predict")
+        rows = self.table("predict")
         if rows is None:
             raise RecipeError("data.predict", f"no sentences to tag; {MISSING_SPLIT_FIX['predict']}")
-        return rows.rows
+        return rows
 
     def _load(self, split: str) -> ArrowRows | None:
         named = self.read_split(split)
@@ -409,7 +415,7 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
     @override
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         # An empty list tells Lightning there is no validation (val_fraction 0 and no data.val).
-        return [] if self.split_rows("val") is None else self.eval_loader(self.split_dataset("val"))
+        return [] if self.table("val") is None else self.eval_loader(self.split_dataset("val"))
 
     @override
     def test_dataloader(self) -> DataLoader:

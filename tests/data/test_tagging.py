@@ -27,7 +27,7 @@ def wordpiece_bert(tmp_path_factory) -> str:
 
 
 def sentences(data: TokenTaggingData, split: str) -> list[tuple[list[str], list[str] | None]]:
-    rows = data.split_rows(split).rows
+    rows = data.table(split)
     tags = rows["tags"] if "tags" in rows.column_names else [None] * len(rows)
     return list(zip(rows["tokens"], tags))
 
@@ -47,7 +47,7 @@ def test_conll_files_give_sentences_with_the_last_column_as_tag(tmp_path, wordpi
         (["anna", "visited"], ["B-PER", "O"]),
         (["bob", "likes", "berlin"], ["B-PER", "O", "B-LOC"]),
     ]
-    assert data.split_rows("val") is None
+    assert data.table("val") is None
 
 
 def test_predict_files_may_hold_tokens_alone(tmp_path, wordpiece_bert):
