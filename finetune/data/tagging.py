@@ -68,8 +68,8 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
     The tag list is ``labels`` when given (every train tag must be in it), else the train tags with ``O``
     first, then sorted; checkpoints keep it (``state_dict``).
 
-    Alignment: words are tokenised with ``is_split_into_words=True`` (a fast tokenizer), truncated to
-    ``max_length`` tokens. The first sub-token of each word carries the word's tag id; its other sub-tokens,
+    Alignment: words are tokenised with ``is_split_into_words=True`` (a fast tokenizer; byte-level BPE ones,
+    RoBERTa's, with the space before each word that running text has), truncated to ``max_length`` tokens. The first sub-token of each word carries the word's tag id; its other sub-tokens,
     special tokens and padding carry -100 (no loss, not scored). Words left without a token (cut by
     ``max_length``, or empty once tokenised) are neither trained on nor scored, and a warning counts them.
 
