@@ -92,6 +92,14 @@ class TokenClassificationTask(FinetuneTask):
         labels = self.labels or self._resolve_labels()
         return self.backbone.load_classifier(labels, options, per_token=True).model
 
+    @override
+    def describe_task(self) -> str:
+        """The task line, the tags and the head, for the run plan."""
+        tags = self.labels or []
+        shown = ", ".join(tags[:12]) + (f" ... ({len(tags)})" if len(tags) > 12 else "")
+        head = "head: the model's own, a new linear layer on every token's last hidden state"
+        return "\n".join([super().describe_task(), f"tags: {shown}", head])
+
     def _resolve_labels(self) -> list[str]:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         data_labels = list(datamodule.labels) if hasattr(datamodule, "labels") else None
@@ -264,7 +272,7 @@ def word_predictions(predicted: torch.Tensor, word_ids: torch.Tensor) -> torch.T
 
 
 def entity_spans(tags: list[str], words: list[str]) -> list[dict[str, Any]]:
-    """The entities of one sentence's tags, as ``seqeval`` reads them: type, first word, end (exclusive), text."""
+    """The entities of one sentence's tags as ``seqeval`` reads them: type, first word, end (exclusive), text."""
     from seqeval.metrics.sequence_labeling import get_entities
 
     return [

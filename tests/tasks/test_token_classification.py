@@ -330,7 +330,14 @@ def test_plan_of_a_tagging_recipe_lists_what_trains(tagger_bert, rule_files, tmp
     with caplog.at_level(logging.INFO, logger="finetune"):
         assert main(["plan", str(path)]) == 0
     text = caplog.text
-    for expected in ("Parameter groups", "classifier", "never (frozen)", "sentences: train 160, val 40"):
+    for expected in (
+        "TokenClassificationTask on",
+        "(BertForTokenClassification)",
+        "tags: O, B-LOC, B-PER, I-LOC",
+        "Parameter groups",
+        "never (frozen)",
+        "sentences: train 160, val 40",
+    ):
         assert expected in text, expected
     # Blocks table: the per-token head (32 wide, over the data's 4 tags) trains from the start, alone.
     assert re.search(rf"^head +{32 * 4 + 4} +0 +start$", text, re.M)
