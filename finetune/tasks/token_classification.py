@@ -272,7 +272,7 @@ def word_predictions(predicted: torch.Tensor, word_ids: torch.Tensor) -> torch.T
 
 
 def entity_spans(tags: list[str], words: list[str]) -> list[dict[str, Any]]:
-    """The entities of one sentence's tags as ``seqeval`` reads them: type, first word, end (exclusive), text."""
+    """A sentence's entities as ``seqeval`` reads its tags: type, first word, end (exclusive), text."""
     from seqeval.metrics.sequence_labeling import get_entities
 
     return [
