@@ -34,7 +34,6 @@ from finetune.callbacks import (
 )
 from finetune.checkpoints import check_loadable, newest_loadable
 from finetune.cli.trainer_checks import check_trainer
-from finetune.data import ClassificationData
 from finetune.errors import RecipeError
 from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.parallel import placement
@@ -154,18 +153,17 @@ class FinetuneCLI(LightningCLI):
         if self.trainer.logger is not None:
             # Create the run folder through the logger first, so it does not warn that the folder is not empty.
             _ = self.trainer.logger.experiment
-        if self.trainer.is_global_zero and isinstance(self.datamodule, ClassificationData):
-            self.datamodule.save_labels(runs.run_dir(self.trainer))
+        save_labels = getattr(self.datamodule, "save_labels", None)
+        if self.trainer.is_global_zero and callable(save_labels):
+            save_labels(runs.run_dir(self.trainer))
 
     @override
     def after_fit(self) -> None:
-        """End ``fit`` with a test of the (best) model when the data has a test split."""
+        """End ``fit`` with a test of the (best) model when the data has a test split (finetune's data
+        modules say so through ``table("test")``)."""
         data = self.datamodule
-        if (
-            isinstance(data, ClassificationData)
-            and data.table("test") is not None
-            and not self.trainer.interrupted
-        ):
+        table = getattr(data, "table", None)
+        if callable(table) and table("test") is not None and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=data)
 
 
@@ -294,9 +292,18 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
     """Run the Lightning CLI on ``argv`` (with ``run=False``: only build trainer, model and data, from
     ``argv`` without a subcommand; with ``plan``: on one device, writing nothing); turn argument and recipe
     errors into ``RecipeError``."""
-    from finetune.data import ImageClassificationData, InstructionData, TextClassificationData  # noqa: F401
+    from finetune.data import (  # noqa: F401  (registers subclasses for short class names)
+        ImageClassificationData,
+        InstructionData,
+        TextClassificationData,
+        TokenTaggingData,
+    )
     from finetune.parallel import fsdp2  # noqa: F401  (registers trainer.strategy: fsdp2)
-    from finetune.tasks import ClassificationTask, SFTTask  # noqa: F401  (registers subclasses for short class names)
+    from finetune.tasks import (  # noqa: F401  (registers subclasses for short class names)
+        ClassificationTask,
+        SFTTask,
+        TokenClassificationTask,
+    )
 
     # Strategies are dataclasses, which jsonargparse accepts by `class_path` (LoRA, QLoRA, Partial ...)
     # only when subclassing is enabled for their base.

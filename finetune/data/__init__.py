@@ -1,5 +1,5 @@
 """Data modules: classification of text (tables or Hugging Face datasets) and images (folders or tables),
-and instruction conversations for causal LMs.
+tagged sentences (token classification), and instruction conversations for causal LMs.
 
 Attributes are imported on first access, so ``import finetune.data`` stays cheap (no torch, lightning,
 pandas) and ``python -m finetune --help`` stays fast.
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from finetune.data.image import ImageClassificationData
     from finetune.data.instructions import InstructionData
     from finetune.data.tables import read_table
+    from finetune.data.tagging import TokenTaggingData
     from finetune.data.text import TextClassificationData
 
 _HOMES = {
@@ -23,6 +24,7 @@ _HOMES = {
     "ImageClassificationData": "finetune.data.image",
     "InstructionData": "finetune.data.instructions",
     "TextClassificationData": "finetune.data.text",
+    "TokenTaggingData": "finetune.data.tagging",
     "read_table": "finetune.data.tables",
 }
 
@@ -31,6 +33,7 @@ __all__ = [
     "ImageClassificationData",
     "InstructionData",
     "TextClassificationData",
+    "TokenTaggingData",
     "read_table",
 ]
 

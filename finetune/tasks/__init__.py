@@ -3,5 +3,6 @@
 from finetune.tasks.base import FinetuneTask
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.sft import SFTTask
+from finetune.tasks.token_classification import TokenClassificationTask
 
-__all__ = ["ClassificationTask", "FinetuneTask", "SFTTask"]
+__all__ = ["ClassificationTask", "FinetuneTask", "SFTTask", "TokenClassificationTask"]
