@@ -11,20 +11,17 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from finetune.batch import INDEX, LABELS, NOT_MODEL_INPUTS
 from finetune.data.arrow import read_arrow
 from finetune.data.labels import checked_labels, sorted_labels
 from finetune.data.loaders import LoaderDataModule
-from finetune.data.rows import ArrowRows, LabelIds, SplitRows
+from finetune.data.rows import ArrowRows, LabelIds, RowDataset, SplitRows
 from finetune.data.splits import check_hold_out, hold_out
 from finetune.data.tables import table_files
 from finetune.data.targets import TargetKind, TargetLayout, TargetStatistics, check_task, target_statistics
@@ -50,59 +47,6 @@ class NamedTable(NamedTuple):
 
     rows: SplitRows
     name: str
-
-
-class RowDataset(Dataset, ABC):
-    """Item ``i`` is row ``i``'s model inputs plus ``index`` (``i``) and, when known, ``labels`` (a class id,
-    or a row of floats: multi-hot labels, standardised targets).
-
-    Subclasses say how rows become model inputs and how inputs are batched; ``collate`` adds the rest: batches
-    carry ``index`` as int64 ``(B,)`` and ``labels`` as int64 ``(B,)`` (class ids) or float32 ``(B, W)``. The
-    DataLoader fetches a batch's rows in one ``__getitems__`` call, so Arrow-backed subclasses read them in
-    one gather (override ``inputs_of``).
-    """
-
-    def __init__(self, size: int, label_ids: Sequence[int] | LabelIds | None) -> None:
-        self.size = size
-        self.label_ids = (
-            label_ids if label_ids is None or hasattr(label_ids, "take") else np.asarray(label_ids, np.int64)
-        )
-
-    @abstractmethod
-    def inputs(self, row: int) -> dict[str, Any]:
-        """The model inputs of one row."""
-
-    @abstractmethod
-    def collate_inputs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Batch the model inputs of several rows."""
-
-    def inputs_of(self, rows: list[int]) -> list[dict[str, Any]]:
-        """The model inputs of several rows."""
-        return [self.inputs(row) for row in rows]
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, row: int) -> dict[str, Any]:
-        return self.__getitems__([row])[0]
-
-    def __getitems__(self, rows: list[int]) -> list[dict[str, Any]]:
-        items = self.inputs_of(rows)
-        labels = None if self.label_ids is None else self.label_ids.take(rows).tolist()
-        for position, (item, row) in enumerate(zip(items, rows)):
-            item[INDEX] = row
-            if labels is not None:
-                item[LABELS] = labels[position]
-        return items
-
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        inputs = [{k: v for k, v in item.items() if k not in NOT_MODEL_INPUTS} for item in items]
-        batch = self.collate_inputs(inputs)
-        for key in NOT_MODEL_INPUTS:
-            if key in items[0]:
-                values = torch.tensor([item[key] for item in items])
-                batch[key] = values.float() if values.is_floating_point() else values.long()
-        return batch
 
 
 class ClassificationData(LoaderDataModule, ABC):
