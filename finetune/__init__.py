@@ -37,6 +37,7 @@ _EXPORTS = {
     "ParamGroup": "finetune.optim",
     "ScheduleConfig": "finetune.optim",
     "TokenNormalizedLoss": "finetune.optim.token_loss",
+    "LossTermsMixin": "finetune.tasks.loss_terms",
 }
 
 __all__ = sorted(_EXPORTS)

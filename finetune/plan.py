@@ -2,20 +2,28 @@
 
 ``run_plan(trainer, module)`` renders it once the optimizer exists (``on_fit_start``). ``ParameterReport``
 logs it at the start of every run and saves ``<run>/plan.txt``; the ``plan`` command prints it and stops.
+``describe(module, optimizer)`` renders its first tables, the parameter groups and the blocks, for any
+module and optimizer without a ``Trainer`` (``print(describe(self, optimizer))`` in your own
+``configure_optimizers``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
 from finetune.display import human, table
 from finetune.memory import activation_bytes, estimate_memory
 from finetune.parallel.placement import Placement, is_sharded
 from finetune.parallel.placement import from_trainer as placement_of
+
+if TYPE_CHECKING:
+    from finetune.callbacks.unfreeze import GradualUnfreezing
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +36,12 @@ def run_plan(trainer: pl.Trainer, module: pl.LightningModule, placement: Placeme
     command passes the recipe's, since it builds everything on one device.
     """
     placement = placement or placement_of(trainer)
-    describe = getattr(module, "describe_task", None)
+    describe_task = getattr(module, "describe_task", None)
+    unfreezing = _unfreezing(trainer)
     sections = [
-        ("Task", describe() if callable(describe) else ""),
-        ("Parameter groups", groups_table(trainer)),
-        ("Blocks (bottom to top)", blocks_table(trainer, module)),
+        ("Task", describe_task() if callable(describe_task) else ""),
+        ("Parameter groups", groups_table(trainer.optimizers)),
+        ("Blocks (bottom to top)", blocks_table(trainer.optimizers, module, unfreezing)),
         ("Steps and schedule", schedule_lines(trainer)),
         ("Training memory per device (estimate)", memory_table(trainer, module, placement)),
         ("Data", data_lines(trainer)),
@@ -54,9 +63,28 @@ def image_lines(trainer: pl.Trainer) -> str:
     return describe() if callable(describe) else ""
 
 
-def groups_table(trainer: pl.Trainer) -> str:
+def describe(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    unfreezing: GradualUnfreezing | None = None,
+) -> str:
+    """The plan's parameter groups and blocks for ``module`` (a finetune task, your ``LightningModule``, a
+    timm / Hugging Face network) and its ``optimizer`` (or several), as printable text; with
+    ``unfreezing``, when each block opens. Blocks are laid out as ``finetune.optim.param_groups`` lays
+    them out (``finetune.optim.network``)."""
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    sections = [
+        ("Parameter groups", groups_table(optimizers)),
+        ("Blocks (bottom to top)", blocks_table(optimizers, module, unfreezing)),
+    ]
+    return "\n\n".join(f"{title}\n{body}" for title, body in sections if body)
+
+
+def groups_table(optimizers: Sequence[torch.optim.Optimizer]) -> str:
+    """One row per optimizer group: its name (finetune's groups), size, LR at the start and now, weight decay,
+    and the blocks it covers."""
     rows = []
-    for optimizer in trainer.optimizers:
+    for optimizer in optimizers:
         for group in optimizer.param_groups:
             count = sum(p.numel() for p in group["params"])
             rows.append(
@@ -72,22 +100,29 @@ def groups_table(trainer: pl.Trainer) -> str:
     return table(["group", "params", "lr", "lr now", "weight decay", "blocks"], rows)
 
 
-def blocks_table(trainer: pl.Trainer, module: pl.LightningModule) -> str:
-    """Trainable (in the optimizer) vs frozen parameters per block; when each block opens."""
-    from finetune.callbacks.unfreeze import GradualUnfreezing
-    from finetune.optim.param_groups import level_label, parameter_levels
+def blocks_table(
+    optimizers: Sequence[torch.optim.Optimizer],
+    module: nn.Module,
+    unfreezing: GradualUnfreezing | None = None,
+) -> str:
+    """Trainable (in the optimizer) vs frozen parameters per block; when each block opens. Empty when
+    ``module`` has no network to lay out."""
+    from finetune.errors import RecipeError
+    from finetune.optim.groups import level_label, parameter_levels
+    from finetune.optim.network import model_layout
 
-    layout, model = getattr(module, "layout", None), getattr(module, "model", None)
-    if layout is None or model is None:
+    try:
+        model, layout = model_layout(module, unfreezing.module if unfreezing is not None else None)
+    except RecipeError as error:
+        log.debug("no blocks to show: %s", error)
         return ""
-    in_optimizer = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+    in_optimizer = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
     levels = parameter_levels(model, layout)
     counts: dict[int, list[int]] = {}
     for name, parameter in model.named_parameters():
         entry = counts.setdefault(levels[name], [0, 0])
         entry[0 if id(parameter) in in_optimizer else 1] += parameter.numel()
-    unfreezing = next((c for c in trainer.callbacks if isinstance(c, GradualUnfreezing)), None)
-    opens = _opening(unfreezing, trainer) if unfreezing is not None else {}
+    opens = _opening(unfreezing, optimizers, module) if unfreezing is not None else {}
     rows = [
         [
             level_label(layout, level),
@@ -102,28 +137,18 @@ def blocks_table(trainer: pl.Trainer, module: pl.LightningModule) -> str:
     return table(["block", "trainable", "frozen", "trains from"], rows)
 
 
-def _opening(unfreezing: Any, trainer: pl.Trainer) -> dict[str, str]:
+def _unfreezing(trainer: pl.Trainer) -> GradualUnfreezing | None:
+    from finetune.callbacks.unfreeze import GradualUnfreezing
+
+    return next((c for c in trainer.callbacks if isinstance(c, GradualUnfreezing)), None)
+
+
+def _opening(
+    unfreezing: GradualUnfreezing, optimizers: Sequence[torch.optim.Optimizer], module: nn.Module
+) -> dict[str, str]:
     """Block -> the epoch/step it opens at, from the callback's milestones."""
-    groups = [g for o in trainer.optimizers for g in o.param_groups if "level" in g]
-    if not groups:
-        return {}
-    top = max(g["level"] for g in groups)
-    order = [
-        next(g["block"] for g in groups if g["level"] == lv)
-        for lv in sorted({g["level"] for g in groups if g["level"] < top}, reverse=True)
-    ]
-    opens = {}
-    for i, block in enumerate(order):
-        milestone = i // unfreezing.blocks_per_milestone
-        if unfreezing.every is not None:
-            at = unfreezing.every * (milestone + 1)
-        elif milestone < len(unfreezing.milestones):
-            at = unfreezing.milestones[milestone]
-        else:
-            opens[block] = "never"
-            continue
-        opens[block] = f"{unfreezing.interval} {at}"
-    return opens
+    order = unfreezing.blocks(list(optimizers), module)
+    return {block: unfreezing.opens_at(i) or "never" for i, block in enumerate(order)}
 
 
 def schedule_lines(trainer: pl.Trainer) -> str:
@@ -217,6 +242,14 @@ def _probe_activations(trainer: pl.Trainer, module: pl.LightningModule, precisio
             batch = next(iter(loader))
         batch = trainer.strategy.batch_to_device(batch)
         return activation_bytes(module, lambda: module(batch), precision, module.device)
-    except (TypeError, RuntimeError, ValueError, KeyError, StopIteration) as error:
+    except (
+        TypeError,
+        RuntimeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        StopIteration,
+    ) as error:
         log.debug("activation probe failed: %s", error)
         return None

@@ -1,8 +1,10 @@
-"""``Distillation``: a Lightning callback that distils a frozen teacher into a finetune task."""
+"""``Distillation``: a Lightning callback that distils a frozen teacher into a finetune task or your own
+``LightningModule`` (through ``finetune.LossTermsMixin``)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,9 +14,18 @@ from finetune.backbones import Backbone
 from finetune.backbones.base import check_feature
 from finetune.distill.cache import TeacherCache, augmenting_steps
 from finetune.distill.losses import KEY, FeatureKD, FeatureMatch, LogitKD, TeacherOutputs
-from finetune.distill.teacher import PixelAdapter, Teacher, check_labels, check_vocabulary, load_teacher
+from finetune.distill.student import ModuleStudent, TaskStudent, student_of
+from finetune.distill.teacher import (
+    PixelAdapter,
+    Teacher,
+    check_labels,
+    check_vocabulary,
+    has_own_labels,
+    load_teacher,
+)
 from finetune.dtypes import DtypeName
 from finetune.errors import RecipeError
+from finetune.tasks.loss_terms import LossTermsMixin
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +39,22 @@ class Distillation(pl.Callback):
     ``train/feature_loss`` and ``train/loss`` (the total). For an ``SFTTask`` the KL is per token, over the
     vocabulary, on response tokens only, summed and normalised with the task loss per response token.
 
-    Contract: the module is a finetune task with a ``teacher_kind`` (``ClassificationTask``, ``SFTTask``, ...:
-    the teacher is loaded as that kind of model) and a ``distillation_loss`` (the per-item loss between
-    student and teacher logits, ``T² · KL`` for softmax tasks); the callback adds its loss
-    terms through ``FinetuneTask.add_loss_term`` (see ``finetune.tasks.loss_terms``) in ``setup``, which
-    builds the student first. The teacher is *not* a submodule of the task: it is never in the optimizer
-    or in a checkpoint, ``task.train()`` never reaches it (it stays in eval mode, dropout off), and it runs
-    under ``no_grad`` once per batch, in ``teacher_dtype`` when given. A feature projection *is* a
-    submodule (``loss_modules.feature``): it trains, is checkpointed for resuming, and is not exported.
+    Contract: the module inherits ``finetune.LossTermsMixin`` (every finetune task does; so can your own
+    ``LightningModule``: list it first among the bases and return ``self.total_loss(logits=..., batch=...,
+    task_loss=...)`` from ``training_step``). From the mixin, overridable: ``teacher_kind`` (the teacher is
+    loaded as that kind of model: ``classifier`` by default; ``ClassificationTask``, ``SFTTask`` ... say
+    theirs), ``distillation_loss`` (the per-item loss between student and teacher logits, ``T² · KL`` for
+    softmax outputs) and ``teacher_inputs(batch)`` (the teacher's inputs: the batch, a dict of model
+    inputs, by default). The callback adds its loss terms through ``add_loss_term`` (see
+    ``finetune.tasks.loss_terms``) in ``setup``, which builds the student first. Your module's ``labels``
+    (class names in index order), when it has them, are checked against the teacher's; without them the
+    teacher must bring its own (a run or export folder). Feature matches on your module read its network
+    ``module`` (a timm or Hugging Face model) through hooks, with the same feature names.
+
+    The teacher is *not* a submodule of the student: it is never in the optimizer or in a checkpoint,
+    ``module.train()`` never reaches it (it stays in eval mode, dropout off), and it runs under ``no_grad``
+    once per batch, in ``teacher_dtype`` when given. A feature projection *is* a submodule
+    (``loss_modules.feature``): it trains, is checkpointed for resuming, and is not exported.
 
     Checks in ``setup``: a classifier teacher's classes equal the student's (names and order); on text and
     causal LMs the tokenizers are the same (the teacher reads the student's token ids); feature names
@@ -51,6 +70,9 @@ class Distillation(pl.Callback):
         cache_teacher: compute the teacher's logits once per training sample (by the batch's ``index``) and
             reuse them in later epochs. Only without train-time augmentation (refused when the train
             transform has random steps), for classification with logit distillation only.
+        module: your own module's attribute holding the student network (``"net"``), read for feature
+            matches and image statistics; default: the child holding most of the parameters. Not used
+            with finetune's tasks.
 
     Example::
 
@@ -66,6 +88,7 @@ class Distillation(pl.Callback):
         features: list[FeatureMatch] | None = None,
         teacher_dtype: DtypeName | None = None,
         cache_teacher: bool = False,
+        module: str | None = None,
     ) -> None:
         if not 0 <= alpha <= 1:
             raise RecipeError(f"{KEY}.alpha", f"must be in [0, 1], got {alpha}")
@@ -79,7 +102,10 @@ class Distillation(pl.Callback):
         self.features = list(features or [])
         self.teacher_dtype = teacher_dtype
         self.cache_teacher = cache_teacher
+        self.module = module
         self.teacher: Teacher | None = None
+        self.student: TaskStudent | ModuleStudent | None = None
+        self._read = False  # whether the step's loss terms read the teacher's outputs
         self.cache = TeacherCache() if cache_teacher else None
         self.terms: list[str] = []
         self._step: TeacherOutputs | None = None
@@ -91,13 +117,19 @@ class Distillation(pl.Callback):
         if stage != "fit":
             return
         kind = _teacher_kind(pl_module)
-        causal_lm = kind == "causal_lm"
         _build(trainer, pl_module)
-        labels = None if causal_lm else pl_module.labels
-        self.teacher = load_teacher(self.source, kind, labels, self.teacher_dtype, student=type(pl_module))
-        if labels is not None:
-            check_labels(self.teacher, labels)
-        student_tokenizer = _student_tokenizer(trainer, pl_module, causal_lm)
+        self.student = student = student_of(pl_module, self.module)
+        if student.labels is None and kind != "causal_lm" and not has_own_labels(self.source):
+            raise RecipeError(
+                f"{KEY}.teacher",
+                f"{type(pl_module).__name__} has no labels and the teacher {self.source} has none of its own; "
+                "set the module's labels (class names in index order) or distil from a run or export folder",
+            )
+        task = type(pl_module) if isinstance(student, TaskStudent) else None
+        self.teacher = load_teacher(self.source, kind, student.labels, self.teacher_dtype, student=task)
+        if student.labels is not None:
+            check_labels(self.teacher, student.labels)
+        student_tokenizer = student.tokenizer(trainer)
         if student_tokenizer is not None:
             check_vocabulary(self.teacher.backbone.tokenizer(), student_tokenizer)
         self._check_cache(trainer, kind)
@@ -105,7 +137,7 @@ class Distillation(pl.Callback):
             kd = LogitKD(self.current, self.alpha, self.temperature, per_item=pl_module.distillation_loss)
             self._register(pl_module, kd)
         if self.features:
-            self._register(pl_module, *self._feature_term(pl_module))
+            self._register(pl_module, *self._feature_term())
         log.info(
             "Distillation: teacher %s (%s), alpha %s, temperature %s%s",
             self.teacher.backbone.name,
@@ -125,12 +157,19 @@ class Distillation(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._step = self.teacher_outputs(batch, pl_module)
+        self._read = False
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._step = None
+        if not self._read:
+            raise RecipeError(
+                KEY,
+                f"{type(pl_module).__name__}.training_step did not go through the loss terms; return "
+                "self.total_loss(logits=..., batch=..., task_loss=...) from it",
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -139,6 +178,8 @@ class Distillation(pl.Callback):
         for name in self.terms:
             pl_module.remove_loss_term(name)
         self.terms = []
+        if self.student is not None:
+            self.student.release()
         self.teacher = None  # free its memory; a new fit loads it again
 
     @override
@@ -161,22 +202,35 @@ class Distillation(pl.Callback):
         """The teacher's outputs for the batch being trained on (what the loss terms read)."""
         if self._step is None:
             raise RuntimeError("Distillation: no teacher outputs outside a training batch")
+        self._read = True
         return self._step
 
     def teacher_outputs(self, batch: Any, pl_module: pl.LightningModule) -> TeacherOutputs:
-        """The teacher's logits (from the cache when every sample is in it) and requested features."""
-        if "pixel_values" in batch and self.teacher.pixels is None:
-            self.teacher.pixels = PixelAdapter(
-                pl_module.backbone.pixel_statistics(), self.teacher.backbone.pixel_statistics()
+        """The teacher's logits (from the cache when every sample is in it) and requested features, for the
+        student module's ``teacher_inputs(batch)``."""
+        inputs = pl_module.teacher_inputs(batch)
+        if not isinstance(inputs, Mapping):
+            raise RecipeError(
+                KEY,
+                f"{type(pl_module).__name__}'s batches are {type(batch).__name__}s, not dicts of model inputs; "
+                "override its teacher_inputs(batch) to return the teacher's, e.g. {'pixel_values': batch[0]}",
             )
+        if "pixel_values" in inputs and self.teacher.pixels is None:
+            wanted = self.teacher.backbone.pixel_statistics()
+            self.teacher.pixels = PixelAdapter(self.student.pixel_statistics() or wanted, wanted)
+        index = batch.get("index") if isinstance(batch, Mapping) else None
         if self.cache is not None:
-            logits = self.cache.lookup(batch["index"], pl_module.device)
+            if index is None:
+                raise RecipeError(
+                    f"{KEY}.cache_teacher", "needs each batch's row numbers as batch['index']; turn it off"
+                )
+            logits = self.cache.lookup(index, pl_module.device)
             if logits is not None:
                 return TeacherOutputs(logits)
         names = tuple(dict.fromkeys(match.teacher for match in self.features))
-        outputs = self.teacher.outputs(batch, names)
+        outputs = self.teacher.outputs(inputs, names)
         if self.cache is not None:
-            self.cache.store(batch["index"], outputs.logits)
+            self.cache.store(index, outputs.logits)
         return outputs
 
     # -- setup helpers ---------------------------------------------------------------------------------
@@ -185,20 +239,19 @@ class Distillation(pl.Callback):
         pl_module.add_loss_term(term, module)
         self.terms.append(term.name)
 
-    def _feature_term(self, pl_module: Any) -> tuple[FeatureKD, Any]:
+    def _feature_term(self) -> tuple[Any, Any]:
         key = f"{KEY}.features"
         widths = []
         for match in self.features:
-            check_feature(match.student, pl_module.loader.family, key)
             check_feature(match.teacher, self.teacher.loader.family, key)
             widths.append(
                 (
-                    pl_module.loader.feature_width(pl_module.model, match.student),
+                    self.student.feature_width(match.student),
                     self.teacher.loader.feature_width(self.teacher.model, match.teacher),
                 )
             )
         term = FeatureKD(self.current, self.features, widths)
-        return term, term.projections
+        return self.student.feature_term(term), term.projections
 
     def _check_cache(self, trainer: pl.Trainer, kind: str) -> None:
         if self.cache is None:
@@ -219,13 +272,23 @@ class Distillation(pl.Callback):
 
 
 def _teacher_kind(pl_module: pl.LightningModule) -> str:
-    """The kind of teacher the student task takes (its ``teacher_kind``); RecipeError when it takes none."""
-    kind = getattr(type(pl_module), "teacher_kind", None)
-    if kind is None:
+    """The kind of teacher the student takes (its ``teacher_kind``); RecipeError naming what is missing
+    when it is no ``LossTermsMixin`` or takes no teacher."""
+    name = type(pl_module).__name__
+    if not isinstance(pl_module, LossTermsMixin):
         raise RecipeError(
             KEY,
-            f"distils into finetune tasks that take a teacher (a teacher_kind), not {type(pl_module).__name__}",
+            f"{name} has no total_loss: inherit finetune.LossTermsMixin and return "
+            "self.total_loss(logits=..., batch=..., task_loss=...) from training_step",
         )
+    if not hasattr(pl_module, "loss_terms"):
+        raise RecipeError(
+            KEY,
+            f"LossTermsMixin.__init__ did not run: list LossTermsMixin before LightningModule in {name}'s bases",
+        )
+    kind = getattr(type(pl_module), "teacher_kind", None)
+    if kind is None:
+        raise RecipeError(KEY, f"{name} takes no teacher (its teacher_kind is None)")
     return kind
 
 
@@ -238,12 +301,3 @@ def _build(trainer: pl.Trainer, pl_module: Any) -> None:
         trainer.precision_plugin.module_init_context(),
     ):
         pl_module.configure_model()
-
-
-def _student_tokenizer(trainer: pl.Trainer, pl_module: Any, causal_lm: bool) -> Any:
-    """The tokenizer the student's batches come from (text and causal LMs), or None (images)."""
-    datamodule = getattr(trainer, "datamodule", None)
-    tokenizer = getattr(datamodule, "tokenizer", None)
-    if tokenizer is None and causal_lm:
-        tokenizer = pl_module.backbone.tokenizer()
-    return tokenizer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -119,7 +119,9 @@ class FeatureKD:
 
     def __call__(self, outputs: StepOutputs) -> LossContribution:
         teacher = self.teacher().features
-        mask = outputs.mask if outputs.mask is not None else outputs.batch.get("attention_mask")
+        mask = outputs.mask
+        if mask is None and isinstance(outputs.batch, Mapping):
+            mask = outputs.batch.get("attention_mask")
         total = outputs.logits.new_zeros((), dtype=torch.float32)
         for match, projection in zip(self.matches, self.projections):
             student = projection(outputs.features[match.student].float())

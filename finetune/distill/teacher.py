@@ -23,7 +23,7 @@ from finetune.distill.losses import KEY, TeacherOutputs
 from finetune.dtypes import DTYPES
 from finetune.errors import RecipeError
 from finetune.paths import is_local_path, resolve_path
-from finetune.tasks.base import TeacherKind
+from finetune.tasks.loss_terms import TeacherKind
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,15 @@ def load_teacher(
     teacher.dtype = DTYPES[dtype] if dtype is not None else None
     teacher.freeze()
     return teacher
+
+
+def has_own_labels(source: str | Backbone | Mapping[str, Any]) -> bool:
+    """Whether the teacher ``source`` knows its classes: a run folder, or an export folder with
+    ``labels.json`` (a backbone spec does not: its head is sized to the student's labels)."""
+    if not (isinstance(source, str) and is_local_path(source)):
+        return False
+    path = resolve_path(source, TEACHER_KEY)
+    return (path / runs.CONFIG).is_file() or (path / "labels.json").is_file()
 
 
 def _from_run(path: Path, kind: TeacherKind, student: type | None) -> Teacher:

@@ -1,8 +1,9 @@
 """Optimisation: parameter groups (per-pattern and layer-wise LRs), optimizers and LR schedules.
 
 The recipe's ``optimizer:`` section is an ``OptimizerConfig`` and its ``lr_scheduler:`` section a
-``ScheduleConfig``; ``build_param_groups`` → ``build_optimizer`` → ``build_schedule`` turn them into torch
-objects. Heavy modules load on first use.
+``ScheduleConfig``; ``param_groups`` → ``build_optimizer`` → ``build_schedule`` turn them into torch
+objects. In your own ``LightningModule``, ``param_groups(self, lr=..., layer_decay=...)`` is the one call for
+``configure_optimizers``. Heavy modules load on first use.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from finetune._lazy import lazy_attributes
 from finetune.optim.config import OptimizerConfig, ParamGroup, ScheduleConfig
 
 _LAZY = {
-    "param_groups": "finetune.optim.param_groups",
+    "param_groups": "finetune.optim.groups",
     "build_optimizer": "finetune.optim.optimizers",
     "OPTIMIZERS": "finetune.optim.optimizers",
     "build_schedule": "finetune.optim.schedules",

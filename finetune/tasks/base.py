@@ -17,12 +17,7 @@ from finetune.backbones.layout import Layout
 from finetune.errors import RecipeError
 from finetune.optim import OptimizerConfig, ScheduleConfig
 from finetune.strategies import Strategy, describe_strategy, resolve_strategy
-from finetune.tasks.loss_terms import LossTerm, StepOutputs, kd_per_item
-
-LOSS_MODULES = "loss_modules"
-# What a distillation teacher of a task is (``FinetuneTask.teacher_kind``): a model with a head per input
-# (``Backbone.load_classifier``), per token (``load_classifier(per_token=True)``), or a causal LM.
-TeacherKind = Literal["classifier", "token_classifier", "causal_lm"]
+from finetune.tasks.loss_terms import LOSS_MODULES, LossTermsMixin, TeacherKind
 
 
 class Monitor(NamedTuple):
@@ -33,7 +28,7 @@ class Monitor(NamedTuple):
     mode: Literal["min", "max"]
 
 
-class FinetuneTask(pl.LightningModule):
+class FinetuneTask(LossTermsMixin, pl.LightningModule):
     """Base LightningModule: subclasses build ``self.model`` (and ``self.layout``) in ``build_model``.
 
     ``configure_model`` calls ``build_model`` once, then applies the strategy. Only trainable parameters
@@ -44,8 +39,8 @@ class FinetuneTask(pl.LightningModule):
     with ``trainable_only_checkpoints`` (adapters), checkpoints hold only the trained weights and buffers,
     and loading one checks that every trained weight is there.
 
-    The training loss goes through registered loss terms (``add_loss_term``; the contract is in
-    ``finetune.tasks.loss_terms``): subclasses compute their step's ``StepOutputs`` and return
+    The training loss goes through registered loss terms (``add_loss_term``, from ``LossTermsMixin``; the
+    contract is in ``finetune.tasks.loss_terms``): subclasses compute their step's ``StepOutputs`` and return
     ``self.total_loss(outputs, batch_size)``.
 
     Args:
@@ -79,9 +74,6 @@ class FinetuneTask(pl.LightningModule):
         self.schedule_config = _config(ScheduleConfig, lr_scheduler)
         self.model: nn.Module | None = None
         self.layout: Layout | None = None
-        self.loss_terms: dict[str, LossTerm] = {}
-        # Modules that loss terms train (feature projections): in the optimizer, never in an export.
-        self.loss_modules = nn.ModuleDict()
         # Trainable-only checkpoints lack the frozen base; `load_weights` checks what must be there.
         self.strict_loading = not self.strategy.trainable_only_checkpoints
 
@@ -121,57 +113,6 @@ class FinetuneTask(pl.LightningModule):
         model = type(self.model).__name__ if self.model is not None else "not built"
         return f"{type(self).__name__} on {self.backbone.name} ({model})"
 
-    def distillation_loss(
-        self, student: torch.Tensor, teacher: torch.Tensor, temperature: float
-    ) -> torch.Tensor:
-        """The distillation loss per sample (or per position) between the student's and the teacher's logits
-        of one batch: ``T² · KL`` of their softmaxes by default (``kd_per_item``); tasks whose outputs are
-        not one softmax (independent labels, scores) override it."""
-        return kd_per_item(student, teacher, temperature)
-
-    # --- loss terms (finetune.tasks.loss_terms) ---------------------------------------------------------
-
-    def add_loss_term(self, term: LossTerm, module: nn.Module | None = None) -> None:
-        """Add ``term`` to the training loss; ``module`` (if any) trains with the model. Call before
-        ``configure_optimizers`` (a callback's ``setup``); a name already registered raises."""
-        if term.name in self.loss_terms:
-            raise KeyError(f"loss term {term.name!r} is already registered")
-        self.loss_terms[term.name] = term
-        if module is not None:
-            self.loss_modules[term.name] = module
-
-    def remove_loss_term(self, name: str) -> None:
-        """Remove the term ``name`` and its module (no error when absent)."""
-        self.loss_terms.pop(name, None)
-        if name in self.loss_modules:
-            del self.loss_modules[name]
-
-    def requested_features(self) -> tuple[str, ...]:
-        """The student features the registered terms need, each once, in registration order."""
-        return tuple(dict.fromkeys(name for term in self.loss_terms.values() for name in term.features))
-
-    def total_loss(
-        self, outputs: StepOutputs, batch_size: int, per: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The training loss: the task loss re-weighted and the terms' contributions added.
-
-        Logs ``train/loss`` and, with terms registered, ``train/task_loss`` and ``train/<name>_loss``;
-        logged values are divided by ``per`` (token tasks: the micro-batch's target-token count).
-        """
-        weight, added, parts = 1.0, [], {}
-        for name, term in self.loss_terms.items():
-            contribution = term(outputs)
-            weight *= contribution.task_weight
-            added.append(contribution.loss)
-            parts[f"train/{name}_loss"] = contribution.loss.detach()
-        total = weight * outputs.task_loss + sum(added) if added else outputs.task_loss
-        scale = 1.0 if per is None else 1.0 / per.clamp(min=1)
-        if parts:
-            parts["train/task_loss"] = outputs.task_loss.detach()
-            self.log_dict({k: v * scale for k, v in parts.items()}, batch_size=batch_size)
-        self.log("train/loss", total.detach() * scale, prog_bar=True, batch_size=batch_size)
-        return total
-
     def checkpointed_names(self) -> set[str]:
         """State-dict keys a checkpoint keeps: all, or only trainable parameters and buffers."""
         names = set(self.state_dict())
@@ -189,10 +130,9 @@ class FinetuneTask(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "state_dict" not in checkpoint:
-            return  # a sharded checkpoint (fsdp2): the strategy has loaded the shards itself
-        checkpoint["state_dict"] = self._without_stray_loss_modules(checkpoint["state_dict"])
-        self._check_complete(checkpoint["state_dict"])
+        super().on_load_checkpoint(checkpoint)  # drops the weights of loss modules not registered
+        if "state_dict" in checkpoint:  # absent from a sharded checkpoint: fsdp2 has loaded the shards itself
+            self._check_complete(checkpoint["state_dict"])
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a checkpoint's ``state_dict`` (complete, or trainable-only under an adapter strategy).
@@ -200,14 +140,9 @@ class FinetuneTask(pl.LightningModule):
         Weights of loss-term modules this task has not registered (a distillation run's feature
         projection, when exporting it) are skipped: they belong to training, not to the model.
         """
-        state_dict = self._without_stray_loss_modules(state_dict)
+        state_dict = self.without_stray_loss_modules(state_dict)
         self._check_complete(state_dict)
         self.load_state_dict(state_dict, strict=self.strict_loading)
-
-    def _without_stray_loss_modules(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        own = set(self.state_dict())
-        prefix = LOSS_MODULES + "."
-        return {k: v for k, v in state_dict.items() if k in own or not k.startswith(prefix)}
 
     def _check_complete(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         missing = sorted(self.checkpointed_names() - set(state_dict))
@@ -227,8 +162,8 @@ class FinetuneTask(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
+        from finetune.optim.groups import param_groups
         from finetune.optim.optimizers import build_optimizer
-        from finetune.optim.param_groups import param_groups
         from finetune.optim.schedules import build_schedule, total_steps
 
         groups = param_groups(self.model, self.layout, self.optimizer_config) + self._loss_module_groups()
@@ -253,7 +188,7 @@ class FinetuneTask(pl.LightningModule):
 
     def _loss_module_groups(self) -> list[dict[str, Any]]:
         """One group per loss-term module, at the head's level, with the optimizer's base LR and decay."""
-        from finetune.optim.param_groups import HEAD
+        from finetune.optim.groups import HEAD
 
         top = len(self.layout.blocks) + 1 if self.layout is not None else 1
         groups = []

@@ -9,7 +9,7 @@ import torch
 
 from finetune.backbones.layout import discover_layout
 from finetune.optim import OptimizerConfig, ParamGroup
-from finetune.optim.param_groups import param_groups
+from finetune.optim.groups import param_groups
 
 
 def per_parameter(groups) -> dict[str, tuple[float, float]]:

@@ -1,5 +1,12 @@
 """Optimizer parameter groups: a pure function from (model, layout, config) to a list of dicts.
 
+``param_groups`` is also the one call to put in your own ``configure_optimizers``::
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(finetune.optim.param_groups(self, lr=1e-3, layer_decay=0.75))
+
+It finds the module's pretrained network (``finetune.optim.network``) and its blocks itself.
+
 Every trainable parameter gets a *level*: 0 for what sits below the first block (embeddings, stem), ``i + 1``
 for block ``i`` of the layout, ``n_blocks + 1`` for the head and what sits above the last block (a final
 norm, a pooler). A parameter under a block's module prefix takes that block's level, adapter parameters
@@ -17,12 +24,14 @@ import fnmatch
 import logging
 import re
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
 from finetune.backbones.layout import Layout
 from finetune.optim.config import OPTIMIZER_KEY, OptimizerConfig, ParamGroup
+from finetune.optim.network import model_layout
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +68,19 @@ def level_label(layout: Layout, level: int) -> str:
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Biases, 0-d/1-d parameters (norm weights), embedding tables and the model's own ``no_weight_decay()``."""
-    names = set()
-    own = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else ()
+    """Biases, 0-d/1-d parameters (norm weights), embedding tables and what a model lists in its own
+    ``no_weight_decay()`` (timm's; the outermost module that has one, so a timm network inside your
+    ``LightningModule`` counts)."""
+    names, own = set(), set()
+    declared: list[str] = []
     for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        listing = getattr(module, "no_weight_decay", None)
+        if callable(listing) and not any(module_name.startswith(outer) for outer in declared):
+            declared.append(prefix)
+            own |= {prefix + name for name in listing()}
         for local, parameter in module.named_parameters(recurse=False):
-            name = f"{module_name}.{local}" if module_name else local
+            name = prefix + local
             if parameter.ndim <= 1 or local == "bias" or isinstance(module, nn.Embedding) or name in own:
                 names.add(name)
     return names
@@ -106,8 +122,31 @@ def match_rules(names: list[str], rules: list[ParamGroup]) -> dict[str, int]:
     return first
 
 
-def param_groups(model: nn.Module, layout: Layout, config: OptimizerConfig) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups for the trainable parameters of ``model`` (see the module docstring)."""
+def param_groups(
+    model: nn.Module,
+    layout: Layout | None = None,
+    config: OptimizerConfig | None = None,
+    *,
+    module: str | None = None,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups for the trainable parameters of ``model`` (see the module docstring).
+
+    Args:
+        model: a finetune task's model, or any module: your ``LightningModule`` (``self``) or a timm / Hugging
+            Face network.
+        layout: its blocks and head; default: found (``finetune.optim.network.model_layout``).
+        config: the grouping rules (``OptimizerConfig``: ``lr``, ``weight_decay``, ``layer_decay``, ``groups``
+            of per-pattern LRs, ``decay_norm_and_bias``); default: its defaults.
+        module: where ``layout`` is found: the attribute of ``model`` holding the pretrained network;
+            default: ``model`` itself when it is a timm / Hugging Face model, else the child holding most
+            parameters.
+        **overrides: ``OptimizerConfig`` fields replacing those of ``config``: ``param_groups(self, lr=1e-3,
+            layer_decay=0.75)``.
+    """
+    config = replace(config or OptimizerConfig(), **overrides)
+    if layout is None:
+        model, layout = model_layout(model, module, key="param_groups.module")
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     levels = parameter_levels(model, layout)
     top = len(layout.blocks) + 1
