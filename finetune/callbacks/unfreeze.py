@@ -97,6 +97,7 @@ class GradualUnfreezing(pl.Callback):
         self.opened: dict[str, int] = {}  # block name -> optimizer step at which it opened
         self.order: list[str] = []  # blocks to open, top-down
         self.params: dict[str, list[nn.Parameter]] = {}  # their trained parameters
+        self._held: set[int] = set()  # parameters this callback set requires_grad=False on
         self.gates: dict[str, float] = {}
         self._warming: list[tuple[nn.Parameter, torch.Tensor, float]] = []
         self._hooks: list[Any] = []
@@ -130,7 +131,8 @@ class GradualUnfreezing(pl.Callback):
         groups = [g for optimizer in optimizers for g in optimizer.param_groups]
         if groups and all("level" in g for g in groups):
             return _blocks_of_groups(groups)
-        return _blocks_of_layout(groups, pl_module, self.module)
+        trains = {id(p) for g in groups for p in g["params"] if p.requires_grad or id(p) in self._held}
+        return _blocks_of_layout(groups, pl_module, self.module, trains)
 
     # -- hooks -----------------------------------------------------------------------------------------
 
@@ -248,6 +250,7 @@ class GradualUnfreezing(pl.Callback):
             return
         for parameter in self.params[block]:
             parameter.requires_grad_(trainable)
+            (self._held.discard if trainable else self._held.add)(id(parameter))
 
     def _reset_state(self, trainer: pl.Trainer, block: str) -> None:
         """A block joins with fresh optimizer state (under DDP it saw gradients while its gate was shut)."""
@@ -288,9 +291,10 @@ def _blocks_of_groups(groups: list[dict[str, Any]]) -> dict[str, list[nn.Paramet
 
 
 def _blocks_of_layout(
-    groups: list[dict[str, Any]], pl_module: nn.Module, module: str | None
+    groups: list[dict[str, Any]], pl_module: nn.Module, module: str | None, trains: set[int]
 ) -> dict[str, list[nn.Parameter]]:
-    """Blocks by the layout of ``pl_module``'s network: the trainable parameters of ``groups`` in each."""
+    """Blocks by the layout of ``pl_module``'s network: the parameters of ``groups`` that train (ids in
+    ``trains``) in each."""
     model, layout = model_layout(pl_module, module, f"{KEY}.module")
     own = {id(p) for p in pl_module.parameters()}
     foreign = sum(1 for g in groups for p in g["params"] if id(p) not in own)
@@ -312,7 +316,7 @@ def _blocks_of_layout(
     for group in groups:
         for parameter in group["params"]:
             level = level_of.get(id(parameter), top)  # outside the laid-out model: trains from the start
-            if level < top and parameter.requires_grad:
+            if level < top and id(parameter) in trains:
                 found.setdefault(level, []).append(parameter)
     return {level_label(layout, level): found[level] for level in sorted(found, reverse=True)}
 
