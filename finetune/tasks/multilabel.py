@@ -137,6 +137,13 @@ class MultiLabelClassificationTask(FloatTargetTask):
         """Each label's decision threshold, in label order."""
         return self.label_thresholds.tolist()
 
+    @override
+    def describe_task(self) -> str:
+        """The task, labels and head, and how labels are decided: the loss and the thresholds."""
+        shown = ", ".join(f"{t:.3g}" for t in self.thresholds[:8]) + (" ..." if len(self.labels) > 8 else "")
+        tuning = "; tuned on validation after each validation epoch" if self.tune_thresholds else ""
+        return f"{super().describe_task()}\nloss: binary cross-entropy per label; thresholds: {shown}{tuning}"
+
     # --- ClassificationTask's hooks ---------------------------------------------------------------------
 
     @override

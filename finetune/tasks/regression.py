@@ -138,6 +138,16 @@ class RegressionTask(FloatTargetTask):
     def learnt_hparams(self) -> dict[str, Any]:
         return {"target_mean": self.target_mean.tolist(), "target_std": self.target_std.tolist()}
 
+    @override
+    def describe_task(self) -> str:
+        """The task, targets and head, the loss, and each target's train mean and standard deviation."""
+        statistics = ", ".join(
+            f"{name} {mean:.4g} ± {std:.4g}"
+            for name, mean, std in zip(self.labels, self.target_mean.tolist(), self.target_std.tolist())
+        )
+        loss = f"huber (delta {self.huber_delta:g})" if self.loss == "huber" else "mse"
+        return f"{super().describe_task()}\nloss: {loss} on targets standardised by the train mean ± std: {statistics}"
+
     def in_units(self, standardised: torch.Tensor) -> torch.Tensor:
         """Standardised outputs or targets ``(B, T)`` in the targets' own units, float32."""
         return standardised.float() * self.target_std + self.target_mean

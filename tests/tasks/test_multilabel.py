@@ -138,6 +138,7 @@ def test_thresholds_are_tuned_on_validation_and_val_f1_is_measured_at_them(tuned
     expected = best_thresholds(tuned.val_probabilities, tuned.val_targets, torch.full((2,), 0.5))
     assert torch.allclose(task.label_thresholds, expected)
     assert task.thresholds != [0.5, 0.5]
+    assert f"thresholds: {task.thresholds[0]:.3g}, {task.thresholds[1]:.3g}; tuned" in task.describe_task()
     decisions = (tuned.val_probabilities >= task.label_thresholds).long()
     for average in ("macro", "micro"):
         f1_score = multilabel_f1_score(decisions, tuned.val_targets.long(), num_labels=2, average=average)

@@ -149,6 +149,7 @@ def test_the_model_learns_standardised_targets_kept_with_it(fitted):
     rebuilt = runs.load_checkpoint(fitted.checkpoint, RegressionTask)
     assert torch.equal(rebuilt.target_mean, task.target_mean) and rebuilt.labels == ["score"]
     assert set(fitted.metrics) >= {"val/mae", "val/rmse", "val/pearson", "val/spearman", "train/rmse"}
+    assert f"score {train.mean():.4g} ± {train.std():.4g}" in task.describe_task()  # in the run plan
 
 
 def test_predictions_and_the_export_are_in_the_targets_units(fitted, tiny_bert_dir, tmp_path):
