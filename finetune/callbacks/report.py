@@ -63,7 +63,9 @@ def adapter_line(module: nn.Module) -> str:
 class ParameterReport(pl.Callback):
     """At the start of ``fit``, logs the run plan (``finetune.plan.run_plan``: parameter groups, blocks,
     schedule, memory estimate) and writes it to ``<run>/plan.txt``; the per-module table (and the modules
-    carrying adapters) goes to ``<run>/parameters.txt``."""
+    carrying adapters) goes to ``<run>/parameters.txt``. Works on any ``LightningModule``: the blocks of
+    yours are those of its pretrained network (``finetune.optim.network``), as ``param_groups`` and
+    ``GradualUnfreezing`` see them; the run folder is the logger's (``default_root_dir`` without one)."""
 
     def __init__(self, depth: int = 3) -> None:
         self.depth = depth

@@ -58,7 +58,8 @@ class GradualUnfreezing(pl.Callback):
         every: instead of ``milestones``: open the next blocks every ``every`` epochs/steps.
         interval: ``epoch`` or ``step``.
         blocks_per_milestone: how many blocks open at each milestone.
-        warmup_steps: a newly opened block's LR ramps linearly to its full value over this many steps.
+        warmup_steps: a newly opened block's LR (with your own optimizer: its step) ramps linearly to its
+            full value over this many steps.
         module: your own module's attribute holding the pretrained network (``"net"``; dots go deeper);
             default: the child holding most of the parameters. Not needed with finetune's groups.
 

@@ -144,7 +144,9 @@ def param_groups(
         **overrides: ``OptimizerConfig`` fields replacing those of ``config``: ``param_groups(self, lr=1e-3,
             layer_decay=0.75)``.
     """
-    config = replace(config or OptimizerConfig(), **overrides)
+    config = config or OptimizerConfig()
+    if overrides:
+        config = replace(config, **overrides)
     if layout is None:
         model, layout = model_layout(model, module, key="param_groups.module")
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
