@@ -301,6 +301,8 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
     from finetune.parallel import fsdp2  # noqa: F401  (registers trainer.strategy: fsdp2)
     from finetune.tasks import (  # noqa: F401  (registers subclasses for short class names)
         ClassificationTask,
+        MultiLabelClassificationTask,
+        RegressionTask,
         SFTTask,
         TokenClassificationTask,
     )

@@ -379,14 +379,10 @@ class ClassificationData(LoaderDataModule, ABC):
                 self.split_dataset(split)
 
     def _check_module(self) -> None:
-        """The trainer's module must take this kind of target: a finetune task declares the kind it takes in
-        ``target_kind`` (a ``ClassificationTask`` without one takes one class per row); other modules are
-        not checked."""
-        from finetune.tasks.classification import ClassificationTask
-
+        """The trainer's module must take this kind of target: finetune's tasks declare the kind they take
+        in ``target_kind``; other modules are not checked."""
         module = None if self.trainer is None else self.trainer.lightning_module
-        default = "class" if isinstance(module, ClassificationTask) else None
-        kind = getattr(module, "target_kind", default)
+        kind = getattr(module, "target_kind", None)
         if kind is not None:
             self.check_task(kind, type(module).__name__)
 

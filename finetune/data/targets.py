@@ -31,8 +31,8 @@ TargetKind = Literal["class", "multi_label", "regression"]
 # The task that takes each kind of data, for the error that says which one to use.
 TASK_OF_KIND = {
     "class": "finetune.ClassificationTask",
-    "multi_label": "finetune.tasks.multilabel.MultiLabelClassificationTask",
-    "regression": "finetune.tasks.regression.RegressionTask",
+    "multi_label": "finetune.MultiLabelClassificationTask",
+    "regression": "finetune.RegressionTask",
 }
 LAYOUT_KEYS = ("data.label_separator", "data.label_columns", "data.target_columns")
 

@@ -2,7 +2,16 @@
 
 from finetune.tasks.base import FinetuneTask
 from finetune.tasks.classification import ClassificationTask
+from finetune.tasks.multilabel import MultiLabelClassificationTask
+from finetune.tasks.regression import RegressionTask
 from finetune.tasks.sft import SFTTask
 from finetune.tasks.token_classification import TokenClassificationTask
 
-__all__ = ["ClassificationTask", "FinetuneTask", "SFTTask", "TokenClassificationTask"]
+__all__ = [
+    "ClassificationTask",
+    "FinetuneTask",
+    "MultiLabelClassificationTask",
+    "RegressionTask",
+    "SFTTask",
+    "TokenClassificationTask",
+]

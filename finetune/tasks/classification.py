@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,8 @@ class ClassificationTask(FinetuneTask):
     monitor = Monitor("val/acc", "max")
     epoch_metrics = ("val/loss", "val/acc", "val/f1")
     teacher_kind = "classifier"
+    # The targets the task trains on (``finetune.data.targets``): one class per row; the data is checked.
+    target_kind: ClassVar[str] = "class"
 
     def __init__(
         self,
@@ -93,6 +95,10 @@ class ClassificationTask(FinetuneTask):
         return self.image_config.plain() if self.image_config is not None else None
 
     def build_model(self) -> tuple[nn.Module, Layout]:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        check = getattr(datamodule, "check_task", None)
+        if callable(check):
+            check(self.target_kind, type(self).__name__)
         labels = self._resolve_labels()
         classifier = self.backbone.load_classifier(labels, self.strategy.load_options(), head=self.head)
         self.labels = labels

@@ -57,10 +57,6 @@ class FloatTargetTask(ClassificationTask):
 
     @override
     def build_model(self) -> tuple[nn.Module, Layout]:
-        datamodule = self.datamodule()
-        check = getattr(datamodule, "check_task", None)
-        if check is not None:
-            check(self.target_kind, type(self).__name__)
         model, layout = super().build_model()
         self._mark_problem_type(model)
         return model, layout
