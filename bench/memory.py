@@ -70,8 +70,8 @@ def measure(config: dict) -> dict:
     from finetune.backbones.layout import discover_layout
     from finetune.memory import activation_bytes, estimate_memory
     from finetune.optim import OptimizerConfig
+    from finetune.optim.groups import param_groups
     from finetune.optim.optimizers import build_optimizer, state_bytes
-    from finetune.optim.param_groups import param_groups
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -31,6 +31,18 @@ class ExportModel(pl.Callback):
         self.use_best = use_best
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        missing = [
+            name for name in ("export", "load_weights") if not callable(getattr(pl_module, name, None))
+        ]
+        if stage == "fit" and missing:
+            raise RecipeError(
+                "trainer.callbacks.ExportModel",
+                f"{type(pl_module).__name__} has no {' or '.join(missing)}; finetune's tasks have them, for "
+                "your own module save the network yourself (e.g. self.net.save_pretrained(...)) and drop ExportModel",
+            )
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if is_sharded(pl_module):

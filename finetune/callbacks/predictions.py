@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
 from finetune import runs
+from finetune.errors import RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,20 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, filename: str = runs.PREDICTIONS) -> None:
         super().__init__(write_interval="epoch")
         self.filename = filename
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict" and not callable(getattr(pl_module, "prediction_columns", None)):
+            raise RecipeError(
+                "trainer.callbacks.PredictionWriter",
+                f"{type(pl_module).__name__} has no prediction_columns(values, rows); finetune's tasks have it, "
+                "for your own module write predictions from trainer.predict's return value instead",
+            )
+        if stage == "predict" and not callable(getattr(trainer.datamodule, "predict_table", None)):
+            raise RecipeError(
+                "trainer.callbacks.PredictionWriter",
+                "the datamodule has no predict_table(); use one of finetune's data modules or drop PredictionWriter",
+            )
 
     @override
     def write_on_epoch_end(

@@ -1,6 +1,6 @@
 """finetune's callbacks on a user's own LightningModule, no finetune task involved: plain modules around a tiny
 timm ResNet and a tiny BERT with ``AdamW(self.parameters())`` (or ``finetune.optim.param_groups``), and the
-examples of docs/own-module.md run as they are written."""
+examples of the README section "Use the callbacks in your own LightningModule" run as they are written."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from tests.helpers.own_module import (
 
 KINDS = ["timm", "hf"]
 LABELS = ["a", "b", "c"]
-DOC = Path(__file__).parents[2] / "docs" / "own-module.md"
+DOC = Path(__file__).parents[2] / "README.md"
 
 
 def by_hand_kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
@@ -321,6 +321,30 @@ def bert_teacher(tmp_path_factory) -> Path:
     return folder
 
 
+def test_export_and_prediction_writers_say_what_a_plain_module_lacks(tmp_path):
+    from finetune.callbacks import ExportModel, PredictionWriter
+
+    with pytest.raises(
+        RecipeError, match=r"^trainer\.callbacks\.ExportModel: Plain has no export or load_weights"
+    ):
+        trainer([ExportModel()], max_epochs=1, default_root_dir=tmp_path).fit(
+            Plain("timm"), loader("timm", count=4)
+        )
+
+    from tests.helpers.own_module import logits_of
+
+    class Predicting(Plain):
+        def forward(self, batch: dict) -> torch.Tensor:
+            return logits_of(self.net, batch)
+
+    with pytest.raises(
+        RecipeError, match=r"^trainer\.callbacks\.PredictionWriter: Predicting has no prediction"
+    ):
+        trainer([PredictionWriter()], default_root_dir=tmp_path).predict(
+            Predicting("timm"), loader("timm", count=4)
+        )
+
+
 def test_the_mixins_total_loss_is_the_kd_formula_by_hand():
     student = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.3, -2.0]])
     teacher = torch.tensor([[1.0, 0.0, -1.0], [-0.5, 2.5, 0.1]])
@@ -498,7 +522,7 @@ def test_feature_matches_need_a_timm_or_hugging_face_network(bert_teacher):
         trainer([distillation], max_steps=1).fit(Custom(), loader("hf", count=4))
 
 
-# -- the examples of docs/own-module.md --------------------------------------------------------------------
+# -- the README examples --------------------------------------------------------------------
 
 
 def example(name: str, replacements: dict[str, str], tmp_path: Path, monkeypatch) -> dict:
