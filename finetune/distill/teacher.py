@@ -159,6 +159,11 @@ def _from_folder(path: Path, kind: TeacherKind, student_labels: list[str] | None
             TEACHER_KEY,
             f"{path} holds adapters only; give the run folder, or export it with --merge first",
         )
+    if (path / "targets.json").is_file():
+        # A regression export outputs the targets' units; the student learns standardised targets.
+        raise RecipeError(
+            TEACHER_KEY, f"{path} is a regression export, in the targets' units; give its run folder instead"
+        )
     backbone = Backbone(name=str(path))
     loader, _ = backbone.resolve()
     if kind == "causal_lm":

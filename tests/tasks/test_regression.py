@@ -310,6 +310,14 @@ def test_distillation_from_a_run_of_the_same_task(tiny_bert_dir, tmp_path):
     distil.fit(student, score_data(path, tiny_bert_dir))
     logged = distil.callback_metrics
     assert math.isfinite(logged["train/kd_loss"]) and logged["train/kd_loss"] > 0
+    # Its export outputs the targets' units, not the standardised ones the student learns: refused.
+    exported = student.export(tmp_path / "export")
+    with pytest.raises(
+        RecipeError, match=r"^trainer\.callbacks\.Distillation\.teacher: .* is a regression export"
+    ):
+        trainer(tmp_path / "e", max_steps=1, callbacks=[Distillation(teacher=str(exported))]).fit(
+            RegressionTask(str(tiny_bert_dir)), score_data(path, tiny_bert_dir)
+        )
 
 
 # --- errors ---------------------------------------------------------------------------------------------
