@@ -8,48 +8,26 @@ class, several labels (multi-label) or float targets (regression), as the data k
 
 from __future__ import annotations
 
-import json
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
-import numpy as np
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from finetune.data.arrow import read_arrow
-from finetune.data.labels import checked_labels, sorted_labels
-from finetune.data.loaders import LoaderDataModule
+from finetune.data.labels import sorted_labels
 from finetune.data.rows import ArrowRows, LabelIds, RowDataset, SplitRows
-from finetune.data.splits import check_hold_out, hold_out
+from finetune.data.split_data import NamedTable, SplitData
 from finetune.data.tables import table_files
 from finetune.data.targets import TargetKind, TargetLayout, TargetStatistics, check_task, target_statistics
 from finetune.errors import RecipeError, require
 from finetune.paths import resolve_path
 
-if TYPE_CHECKING:
-    import datasets
-
 logger = logging.getLogger(__name__)
 
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-MISSING_SPLIT_FIX = {
-    "train": "set data.train",
-    "val": "set data.val, or data.val_fraction above 0 with data.train",
-    "test": "set data.test, or data.test_fraction above 0 with data.train",
-    "predict": "set data.predict (or data.test / data.val)",
-}
 
-
-class NamedTable(NamedTuple):
-    """A split's rows and the name used for it in error messages (usually the file name)."""
-
-    rows: SplitRows
-    name: str
-
-
-class ClassificationData(LoaderDataModule, ABC):
+class ClassificationData(SplitData, ABC):
     """Splits, labels and loaders for classification; subclasses turn table rows into model inputs.
 
     Batches are dicts of model inputs plus ``labels`` (absent when the split has no target columns) and
@@ -102,23 +80,21 @@ class ClassificationData(LoaderDataModule, ABC):
             target_columns: regression data: the columns holding each row's float targets; the model
                 learns them standardised by the train split's mean and standard deviation.
         """
-        super().__init__(**kwargs)
-        check_hold_out({"val": val_fraction, "test": test_fraction}, limit)
-        self.sources = {"train": train, "val": val, "test": test, "predict": predict}
+        super().__init__(
+            train=train,
+            val=val,
+            test=test,
+            predict=predict,
+            labels=labels,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            limit=limit,
+            encoding=encoding,
+            **kwargs,
+        )
         self.label_column = label_column
         self.targets = TargetLayout.of(label_column, label_separator, label_columns, target_columns, labels)
-        self.given_labels = checked_labels(labels)
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.limit = limit
-        self.encoding = encoding
-        self._labels: list[str] | None = None
         self._statistics: TargetStatistics | None = None
-        self._tables: dict[str, SplitRows | None] = {}
-        # The train rows before val/test are held out: the class list comes from all of them, so a class
-        # whose few rows all land in val is still a class.
-        self._train_pool: SplitRows | None = None
-        self._datasets: dict[str, RowDataset] = {}
 
     # --- what subclasses provide ---------------------------------------------------------------------
 
@@ -147,14 +123,6 @@ class ClassificationData(LoaderDataModule, ABC):
     # --- labels ----------------------------------------------------------------------------------------
 
     @property
-    def labels(self) -> list[str]:
-        """Class (or label) names in index order: ``labels`` if given, else those of all train rows (before
-        holding out); the column names with ``label_columns`` or ``target_columns``."""
-        if self._labels is None:
-            self._labels = self._resolve_labels()
-        return list(self._labels)
-
-    @property
     def target_kind(self) -> TargetKind:
         """``class``, ``multi_label`` or ``regression``: what a row's target is."""
         return self.targets.kind
@@ -176,7 +144,9 @@ class ClassificationData(LoaderDataModule, ABC):
                 self._statistics = target_statistics(rows, self.targets.columns)
         return self._statistics
 
+    @override
     def _resolve_labels(self) -> list[str]:
+        """The column names (``label_columns``, ``target_columns``), else the checked train labels."""
         if self.targets.names_from_columns:
             return list(self.targets.columns)
         self.table("train")  # fills self._train_pool
@@ -252,16 +222,9 @@ class ClassificationData(LoaderDataModule, ABC):
             return rows.multi_hot(self.label_column, layout.separator, index)
         return rows.label_ids(self.label_column, index)
 
-    def save_labels(self, directory: Path) -> Path:
-        """Write ``labels.json`` (a JSON list in class-index order) into ``directory``; return its path."""
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "labels.json"
-        path.write_text(json.dumps(self.labels, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        return path
-
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"labels": self.labels}
+        state = super().state_dict()
         statistics = self.target_statistics() if self.targets.kind == "regression" else None
         if statistics is not None:
             state["target_statistics"] = statistics.plain()
@@ -276,13 +239,8 @@ class ClassificationData(LoaderDataModule, ABC):
                 self.targets.column_key,
                 f"the checkpoint has {restored} but this data names {self.labels}; name the same columns",
             )
-        elif self._labels is not None and self._labels != restored:
-            raise RecipeError(
-                "data.labels",
-                f"the checkpoint has labels {restored} but this data gives {self._labels}; set data.labels to match",
-            )
         else:
-            self.given_labels = restored
+            self._restore_labels(restored)
         if "target_statistics" in state_dict:
             self._restore_statistics(TargetStatistics.of(state_dict["target_statistics"]))
 
@@ -301,25 +259,7 @@ class ClassificationData(LoaderDataModule, ABC):
 
     # --- splits ------------------------------------------------------------------------------------------
 
-    def table(self, split: str) -> datasets.Dataset | None:
-        """The rows of ``split`` as a memory-mapped ``datasets.Dataset`` (row ``i`` has ``index`` ``i`` in
-        batches), or None when there are none."""
-        rows = self.split_rows(split)
-        return None if rows is None else rows.rows
-
-    def split_rows(self, split: str) -> SplitRows | None:
-        """``split``'s rows behind the ``SplitRows`` contract, or None when there are none."""
-        if split not in self._tables:
-            self._tables.update(self._predict_split() if split == "predict" else self._fit_splits())
-        return self._tables[split]
-
-    def predict_table(self) -> datasets.Dataset:
-        """The rows of the predict split, in predict-loader order; join predictions on ``index``."""
-        rows = self.table("predict")
-        if rows is None:
-            raise RecipeError("data.predict", f"no data to predict on; {MISSING_SPLIT_FIX['predict']}")
-        return rows
-
+    @override
     def _load(self, split: str) -> SplitRows | None:
         named = self.read_split(split)
         if named is None:
@@ -335,48 +275,12 @@ class ClassificationData(LoaderDataModule, ABC):
         self.targets.check_values(rows, split, named.name)
         return rows
 
-    def _fit_splits(self) -> dict[str, SplitRows | None]:
-        """train/val/test: read the given ones, then sample train and hold out the missing ones from it."""
-        splits = {split: self._load(split) for split in ("train", "val", "test")}
-        train = splits["train"]
-        if train is not None:
-            fractions = {"val": self.val_fraction, "test": self.test_fraction}
-            missing = {split: fraction for split, fraction in fractions.items() if splits[split] is None}
-            picked = hold_out(len(train), missing, self.seed, self.limit)
-            self._train_pool = train.take(np.sort(np.concatenate(list(picked.values()))))
-            splits.update({split: train.take(indices) for split, indices in picked.items()})
-        logger.info(
-            "data rows: %s", ", ".join(f"{s} {0 if t is None else len(t)}" for s, t in splits.items())
-        )
-        return splits
-
-    def _predict_split(self) -> dict[str, SplitRows | None]:
-        rows = self._load("predict")
-        if rows is None:
-            named = [(name, self.split_rows(name)) for name in ("test", "val")]
-            name, rows = next(((n, t) for n, t in named if t is not None), (None, None))
-            if name is not None:
-                logger.warning("no data.predict: predicting on the %s split", name)
-        return {"predict": rows}
-
-    # --- Lightning hooks ------------------------------------------------------------------------------
-
-    @override
-    def prepare_data(self) -> None:
-        """Set up the trainer's stage on one process per machine first (Lightning holds the others back
-        until it is done): they then find the converted and tokenised files in the cache."""
-        if self.trainer is not None:
-            self.setup(self.trainer.state.fn.value)
-
     @override
     def setup(self, stage: str) -> None:
         """Check that the trainer's task takes this data's kind of target (``target_kind``), then build the
-        datasets of ``stage``'s splits (validation is optional when fitting)."""
+        datasets of ``stage``'s splits."""
         self._check_module()
-        for split in STAGE_SPLITS[stage]:
-            optional = stage == "fit" and split == "val"
-            if not (optional and self.table(split) is None):
-                self.split_dataset(split)
+        super().setup(stage)
 
     def _check_module(self) -> None:
         """The trainer's module must take this kind of target: finetune's tasks declare the kind they take
@@ -386,31 +290,9 @@ class ClassificationData(LoaderDataModule, ABC):
         if kind is not None:
             self.check_task(kind, type(module).__name__)
 
-    def split_dataset(self, split: str) -> RowDataset:
-        """The (cached) dataset of ``split``; RecipeError when the recipe gives no data for it."""
-        if split not in self._datasets:
-            rows = self.split_rows(split)
-            if rows is None:
-                raise RecipeError(f"data.{split}", f"no {split} data; {MISSING_SPLIT_FIX[split]}")
-            self._datasets[split] = self.make_dataset(rows.rows, split, self._label_ids(split, rows))
-        return self._datasets[split]
-
     @override
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.split_dataset("train"))
-
-    @override
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        # An empty list tells Lightning there is no validation (val_fraction 0 and no data.val).
-        return [] if self.table("val") is None else self.eval_loader(self.split_dataset("val"))
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.split_dataset("test"))
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.split_dataset("predict"))
+    def build_dataset(self, rows: SplitRows, split: str) -> RowDataset:
+        return self.make_dataset(rows.rows, split, self._label_ids(split, rows))
 
 
 def _require_column(rows: SplitRows, column: str, key: str, name: str) -> None:

@@ -21,8 +21,9 @@ from typing_extensions import override
 from finetune.backbones.base import ImageConfig
 from finetune.batch import LABELS
 from finetune.data.arrow import cached_map, column_values, fingerprint, memory_mapped, reopened
-from finetune.data.classification import ClassificationData, NamedTable
+from finetune.data.classification import ClassificationData
 from finetune.data.rows import ArrowRows, LabelIds, RowDataset
+from finetune.data.split_data import NamedTable
 from finetune.data.transforms import (
     DEFAULT_AUGMENT,
     BatchMixer,

@@ -16,15 +16,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from finetune.batch import LABELS
 from finetune.data.arrow import cached_map, fingerprint, read_arrow, reopened
-from finetune.data.classification import MISSING_SPLIT_FIX, STAGE_SPLITS, NamedTable
-from finetune.data.labels import checked_labels
-from finetune.data.loaders import LoaderDataModule
 from finetune.data.rows import ArrowRows
 from finetune.data.sentences import (
     CONLL_FORMATS,
@@ -36,11 +31,11 @@ from finetune.data.sentences import (
     standard_sentences,
     tag_names,
 )
-from finetune.data.splits import check_hold_out, hold_out
+from finetune.data.split_data import NamedTable, SplitData
 from finetune.data.text import DATASET_SPLITS
 from finetune.data.tokens import Padding, TokenizerOfBackbone
 from finetune.data.word_tokens import IGNORE, UNSEEN, WORD_IDS, TaggedDataset, encode_words, warn_unseen
-from finetune.errors import RecipeError, require
+from finetune.errors import require
 from finetune.paths import resolve_path
 
 if TYPE_CHECKING:
@@ -51,7 +46,7 @@ logger = logging.getLogger(__name__)
 OUTSIDE = "O"  # the tag of words outside every entity: first in the default tag order
 
 
-class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
+class TokenTaggingData(TokenizerOfBackbone, SplitData):
     """Tag every word of a sentence (named entities in IOB2: ``B-PER``, ``I-PER``, ``O`` ...).
 
     Sources, per split (``train``/``val``/``test``/``predict``: a file, or a folder of files of one format
@@ -79,6 +74,9 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
     token's word index (-1 for special tokens and padding), padded to the truncation length rather than
     the batch's, so per-word outputs have one width in every batch.
     """
+
+    row_noun = "sentences"
+    label_noun = "tags"
 
     def __init__(
         self,
@@ -120,30 +118,29 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
                 bytes.
             **kwargs: the loader settings of ``LoaderDataModule`` (``batch_size``, ``seed``, ``cache_dir`` ...).
         """
-        super().__init__(**kwargs)
-        check_hold_out({"val": val_fraction, "test": test_fraction}, limit)
+        super().__init__(
+            train=train,
+            val=val,
+            test=test,
+            predict=predict,
+            labels=labels,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            limit=limit,
+            encoding=encoding,
+            **kwargs,
+        )
         require(max_length > 2, "data.max_length", f"must be 3 or more (room for a word), got {max_length}")
         require(
             tokens_column != tags_column,
             "data.tags_column",
             f"{tags_column!r} is also data.tokens_column; name the column that holds the tags",
         )
-        self.sources = {"train": train, "val": val, "test": test, "predict": predict}
         self.tokens_column = tokens_column
         self.tags_column = tags_column
-        self.given_labels = checked_labels(labels)
         self.max_length = max_length
         self.dataset = dataset
         self.dataset_config = dataset_config
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.limit = limit
-        self.encoding = encoding
-        self._labels: list[str] | None = None
-        self._splits: dict[str, ArrowRows | None] = {}
-        # Train sentences before val/test are held out: the tag list comes from all of them.
-        self._train_pool: ArrowRows | None = None
-        self._datasets: dict[str, TaggedDataset] = {}
 
     # --- the tokenizer ------------------------------------------------------------------------------------
 
@@ -217,14 +214,9 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
 
     # --- tags ---------------------------------------------------------------------------------------------
 
-    @property
-    def labels(self) -> list[str]:
-        """The tags in id order: ``labels`` if given, else those of all train sentences (before holding out)."""
-        if self._labels is None:
-            self._labels = self._resolve_labels()
-        return list(self._labels)
-
+    @override
     def _resolve_labels(self) -> list[str]:
+        """``labels`` if given (every train tag must be in it), else the train tags, ``O`` first."""
         self.split_rows("train")  # fills self._train_pool
         found = None if self._train_pool is None else tag_names(self._train_pool)
         if self.given_labels is not None:
@@ -255,50 +247,7 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
         require(not unknown, f"data.{split}", f"tags {unknown} {origin}; fix those sentences or the tag list")
         return index
 
-    def save_labels(self, directory: Path) -> Path:
-        """Write ``labels.json`` (a JSON list of the tags in id order) into ``directory``; return its path."""
-        import json
-
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "labels.json"
-        path.write_text(json.dumps(self.labels, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        return path
-
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"labels": self.labels}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        restored = [str(tag) for tag in state_dict["labels"]]
-        if self._labels is not None and self._labels != restored:
-            raise RecipeError(
-                "data.labels",
-                f"the checkpoint has tags {restored} but this data gives {self._labels}; set data.labels to match",
-            )
-        self.given_labels = restored
-
-    # --- splits -------------------------------------------------------------------------------------------
-
-    def split_rows(self, split: str) -> ArrowRows | None:
-        """``split``'s sentences (columns ``tokens`` and, when tagged, ``tags``), or None when there are none."""
-        if split not in self._splits:
-            self._splits.update(self._predict_split() if split == "predict" else self._fit_splits())
-        return self._splits[split]
-
-    def table(self, split: str) -> datasets.Dataset | None:
-        """The sentences of ``split`` as a memory-mapped ``datasets.Dataset`` (row ``i`` has ``index`` ``i``
-        in batches), or None when there are none (as ``ClassificationData.table``)."""
-        rows = self.split_rows(split)
-        return None if rows is None else rows.rows
-
-    def predict_table(self) -> datasets.Dataset:
-        """The sentences of the predict split, in predict-loader order; join predictions on ``index``."""
-        rows = self.table("predict")
-        if rows is None:
-            raise RecipeError("data.predict", f"no sentences to tag; {MISSING_SPLIT_FIX['predict']}")
-        return rows
-
     def _load(self, split: str) -> ArrowRows | None:
         named = self.read_split(split)
         if named is None:
@@ -311,42 +260,11 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
         )
         return named.rows
 
-    def _fit_splits(self) -> dict[str, ArrowRows | None]:
-        """train/val/test: read the given ones, then sample train and hold out the missing ones from it."""
-        splits = {split: self._load(split) for split in ("train", "val", "test")}
-        train = splits["train"]
-        if train is not None:
-            fractions = {"val": self.val_fraction, "test": self.test_fraction}
-            missing = {split: fraction for split, fraction in fractions.items() if splits[split] is None}
-            picked = hold_out(len(train), missing, self.seed, self.limit)
-            self._train_pool = train.take(np.sort(np.concatenate(list(picked.values()))))
-            splits.update({split: train.take(indices) for split, indices in picked.items()})
-        logger.info(
-            "sentences: %s", ", ".join(f"{s} {0 if t is None else len(t)}" for s, t in splits.items())
-        )
-        return splits
-
-    def _predict_split(self) -> dict[str, ArrowRows | None]:
-        rows = self._load("predict")
-        if rows is None:
-            named = [(name, self.split_rows(name)) for name in ("test", "val")]
-            name, rows = next(((n, t) for n, t in named if t is not None), (None, None))
-            if name is not None:
-                logger.warning("no data.predict: tagging the %s split", name)
-        return {"predict": rows}
-
     # --- tokenising ---------------------------------------------------------------------------------------
 
-    def split_dataset(self, split: str) -> TaggedDataset:
-        """The (cached) tokenised dataset of ``split``; RecipeError when the recipe gives no data for it."""
-        if split not in self._datasets:
-            rows = self.split_rows(split)
-            if rows is None:
-                raise RecipeError(f"data.{split}", f"no {split} data; {MISSING_SPLIT_FIX[split]}")
-            self._datasets[split] = self._tokenised(rows, split)
-        return self._datasets[split]
-
-    def _tokenised(self, rows: ArrowRows, split: str) -> TaggedDataset:
+    @override
+    def build_dataset(self, rows: ArrowRows, split: str) -> TaggedDataset:
+        """``split``'s sentences tokenised and aligned (cached on disk), as a dataset of token rows."""
         from datasets import Features, List, Value
 
         predict = split == "predict"
@@ -390,37 +308,3 @@ class TokenTaggingData(TokenizerOfBackbone, LoaderDataModule):
                 f"loader workers per process: {self.workers(self.split_dataset('train'))}",
             ]
         )
-
-    # --- Lightning hooks ----------------------------------------------------------------------------------
-
-    @override
-    def prepare_data(self) -> None:
-        """Set up the trainer's stage on one process per machine first (Lightning holds the others back
-        until it is done): they then find the converted and tokenised files in the cache."""
-        if self.trainer is not None:
-            self.setup(self.trainer.state.fn.value)
-
-    @override
-    def setup(self, stage: str) -> None:
-        """Build the datasets of ``stage``'s splits (validation is optional when fitting)."""
-        for split in STAGE_SPLITS[stage]:
-            optional = stage == "fit" and split == "val"
-            if not (optional and self.split_rows(split) is None):
-                self.split_dataset(split)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.split_dataset("train"))
-
-    @override
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        # An empty list tells Lightning there is no validation (val_fraction 0 and no data.val).
-        return [] if self.table("val") is None else self.eval_loader(self.split_dataset("val"))
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.split_dataset("test"))
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.split_dataset("predict"))

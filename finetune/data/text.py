@@ -19,9 +19,10 @@ from typing_extensions import override
 
 from finetune.batch import INDEX, LABELS
 from finetune.data.arrow import cached_map, fingerprint, reopened
-from finetune.data.classification import ClassificationData, NamedTable
+from finetune.data.classification import ClassificationData
 from finetune.data.labels import sorted_labels
 from finetune.data.rows import ArrowRows, LabelIds, RowDataset
+from finetune.data.split_data import NamedTable
 from finetune.data.streaming import StreamPosition, TableStream, check_streaming, first_columns, stream_labels
 from finetune.data.tables import table_files
 from finetune.data.tokens import Padding, TokenizerOfBackbone, gather
