@@ -16,8 +16,7 @@ import pandas as pd
 from finetune.data.arrow import cached_map, fingerprint, reopened
 from finetune.data.rows import ArrowRows
 from finetune.data.tables import BLOCK, DecodedText
-from finetune.errors import RecipeError, first_line, require
-from finetune.paths import is_local_path, resolve_path
+from finetune.errors import RecipeError, require
 
 if TYPE_CHECKING:
     import datasets
@@ -179,23 +178,6 @@ def standard_sentences(
     if len(present) == 1:
         logger.info("%s has no column %r: its sentences are untagged", name, tags)
     return ArrowRows(standard, step, cache)
-
-
-def load_dataset_dict(name: str, config: str | None) -> datasets.DatasetDict:
-    """The Hugging Face dataset ``name`` (a hub name or local folder) in configuration ``config``;
-    RecipeError (``data.dataset``) when it cannot be loaded."""
-    import datasets
-
-    source = str(resolve_path(name, "data.dataset")) if is_local_path(name) else name
-    try:
-        loaded = datasets.load_dataset(source, config)
-    except (datasets.exceptions.DatasetsError, OSError, ConnectionError, ValueError) as error:
-        raise RecipeError(
-            "data.dataset",
-            f"cannot load {name!r} ({first_line(error)}); give a local dataset folder or a cached dataset name",
-        ) from error
-    logger.info("loaded dataset %s with splits %s", name, ", ".join(loaded))
-    return loaded
 
 
 def standard_rows(*batch: Any, key: str, name: str, columns: list[str], names: list[str] | None) -> dict:

@@ -20,19 +20,18 @@ from typing_extensions import override
 
 from finetune.batch import LABELS
 from finetune.data.arrow import cached_map, fingerprint, read_arrow, reopened
+from finetune.data.hub_datasets import DATASET_SPLITS, dataset_split, load_dataset_dict
 from finetune.data.rows import ArrowRows
 from finetune.data.sentences import (
     CONLL_FORMATS,
     TAGS,
     TOKENS,
     ConllChunks,
-    load_dataset_dict,
     sentence_files,
     standard_sentences,
     tag_names,
 )
 from finetune.data.split_data import NamedTable, SplitData
-from finetune.data.text import DATASET_SPLITS
 from finetune.data.tokens import Padding, TokenizerOfBackbone
 from finetune.data.word_tokens import IGNORE, UNSEEN, WORD_IDS, TaggedDataset, encode_words, warn_unseen
 from finetune.errors import require
@@ -185,15 +184,13 @@ class TokenTaggingData(TokenizerOfBackbone, SplitData):
         if source is not None:
             key = f"data.{split}"
             return self._read_files(resolve_path(source, key), key)
-        if self.dataset is None or split not in DATASET_SPLITS:
+        if self.dataset is None:
             return None
-        name = DATASET_SPLITS[split]
-        if name not in self._hf_dataset:
+        found = dataset_split(self._hf_dataset, self.dataset, self.dataset_config, split)
+        if found is None:
             return None
-        part = self._hf_dataset[name]
-        files = [(f["filename"], Path(f["filename"]).stat().st_mtime_ns) for f in part.cache_files]
-        print_ = fingerprint(self.dataset, self.dataset_config, name, files or part.data)
-        return self._standard(part, print_, "data.dataset", f"{self.dataset}[{name}]")
+        part, print_ = found
+        return self._standard(part, print_, "data.dataset", f"{self.dataset}[{DATASET_SPLITS[split]}]")
 
     def _standard(self, rows: datasets.Dataset, print_: str, key: str, name: str) -> NamedTable:
         columns = {"data.tokens_column": self.tokens_column, "data.tags_column": self.tags_column}

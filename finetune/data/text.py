@@ -20,22 +20,20 @@ from typing_extensions import override
 from finetune.batch import INDEX, LABELS
 from finetune.data.arrow import cached_map, fingerprint, reopened
 from finetune.data.classification import ClassificationData
+from finetune.data.hub_datasets import DATASET_SPLITS, dataset_split, load_dataset_dict
 from finetune.data.labels import sorted_labels
 from finetune.data.rows import ArrowRows, LabelIds, RowDataset
 from finetune.data.split_data import NamedTable
 from finetune.data.streaming import StreamPosition, TableStream, check_streaming, first_columns, stream_labels
 from finetune.data.tables import table_files
 from finetune.data.tokens import Padding, TokenizerOfBackbone, gather
-from finetune.errors import RecipeError, first_line, require
-from finetune.paths import is_local_path, resolve_path
+from finetune.errors import RecipeError, require
+from finetune.paths import resolve_path
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
-
-# Our split names -> the split names Hugging Face datasets use.
-DATASET_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 
 class TokenizedDataset(RowDataset):
@@ -138,32 +136,18 @@ class TextClassificationData(TokenizerOfBackbone, ClassificationData):
     def read_split(self, split: str) -> NamedTable | None:
         if self.streaming and split == "train":
             return None  # read as a stream by split_dataset
-        if self.sources[split] is not None or self.dataset is None or split not in DATASET_SPLITS:
+        if self.sources[split] is not None or self.dataset is None:
             return super().read_split(split)
-        name = DATASET_SPLITS[split]
-        if name not in self._hf_dataset:
-            return None
-        part = self._hf_dataset[name]
-        files = [(f["filename"], Path(f["filename"]).stat().st_mtime_ns) for f in part.cache_files]
-        print_ = fingerprint(self.dataset, self.dataset_config, name, files or part.data)
-        return NamedTable(ArrowRows(part, print_, self.cache), f"{self.dataset}[{name}]")
+        found = dataset_split(self._hf_dataset, self.dataset, self.dataset_config, split)
+        if found is None:
+            return super().read_split(split)
+        part, print_ = found
+        return NamedTable(ArrowRows(part, print_, self.cache), f"{self.dataset}[{DATASET_SPLITS[split]}]")
 
     @cached_property
     def _hf_dataset(self) -> Any:
         """The ``datasets.DatasetDict`` named by ``dataset``, loaded once."""
-        import datasets
-
-        name = self.dataset
-        source = str(resolve_path(name, "data.dataset")) if is_local_path(name) else name
-        try:
-            loaded = datasets.load_dataset(source, self.dataset_config)
-        except (datasets.exceptions.DatasetsError, OSError, ConnectionError, ValueError) as error:
-            raise RecipeError(
-                "data.dataset",
-                f"cannot load {name!r} ({first_line(error)}); give a local dataset folder or a cached dataset name",
-            ) from error
-        logger.info("loaded dataset %s with splits %s", name, ", ".join(loaded))
-        return loaded
+        return load_dataset_dict(self.dataset, self.dataset_config)
 
     # --- tokenising ------------------------------------------------------------------------------------
 
