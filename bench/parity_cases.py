@@ -84,8 +84,8 @@ CASES = {
     )
 }
 
-# One epoch of 3-4 steps on the smoke data (Lightning validates at the end of an epoch, not at max_steps).
-SMOKE_RUN = {"trainer.max_epochs": 1, "data.init_args.batch_size": 16}
+# One epoch of 2-4 steps on the smoke data (Lightning validates at the end of an epoch, not at max_steps).
+SMOKE_RUN = {"trainer.max_epochs": 1, "trainer.enable_progress_bar": False, "data.init_args.batch_size": 16}
 
 
 # --- recipes ---------------------------------------------------------------------------------------------------
@@ -117,7 +117,15 @@ def absolute(path: str) -> str:
 # --- the hand loop's settings, read from the recipe ------------------------------------------------------------
 
 # Trainer keys that change nothing the hand loops do (max_steps, accumulation, clipping would).
-TRAINER_KEYS = {"max_epochs", "accelerator", "devices", "precision", "log_every_n_steps", "default_root_dir"}
+TRAINER_KEYS = {
+    "max_epochs",
+    "accelerator",
+    "devices",
+    "precision",
+    "log_every_n_steps",
+    "default_root_dir",
+    "enable_progress_bar",
+}
 HEAD_NAMES = {"text_classifier": "head.1.weight", "image_classifier": "classifier.weight", "sft_lora": ""}
 BODY_NAMES = ("encoder.encoder.layer.0.attention.self.query.weight", "blocks.0.0.conv_dw.weight")
 
@@ -209,13 +217,17 @@ def local_path(name: str) -> str:
 # --- preparing a case ----------------------------------------------------------------------------------------
 
 
-def prepare(case: Case, seeds: list[int], work: Path, smoke: bool, device: str) -> dict[str, Any]:
-    """Write each seed's recipe and exported rows under ``work``; return the manifest the runs read:
-    ``{seed: {"recipe": file, "rows": folder, "settings": Settings as a dict}}``."""
+def prepare(
+    case: Case, seeds: list[int], work: Path, smoke: bool, device: str, changes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write each seed's recipe (with ``changes``, dotted keys, last) and exported rows under ``work``;
+    return the manifest the runs read: ``{seed: {"recipe": file, "rows": folder, "settings": Settings as
+    a dict}}``."""
     overrides = {
         **case.overrides,
         **assets(case, work / "assets", smoke),
         **(SMOKE_RUN if smoke else {}),
+        **(changes or {}),
         "trainer.accelerator": "gpu" if device == "cuda" else "cpu",
         "data.init_args.cache_dir": str(work / "cache"),
     }
@@ -370,7 +382,7 @@ def sentiment_csv(path: Path, rows: int = 80) -> Path:
     return path
 
 
-def coloured_images(folder: Path, per_class: int = 12) -> Path:
+def coloured_images(folder: Path, per_class: int = 14) -> Path:
     """Class folders ``red/`` and ``blue/`` of noisy 40x40 PNGs, told apart by their strong channel."""
     import numpy as np
     from PIL import Image

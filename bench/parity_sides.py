@@ -50,9 +50,11 @@ class StepClock:
     origin: float
     marks: list[tuple[int, float]] = field(default_factory=list)
     trainable: int | None = None
+    peak_at_start: int | None = None
     peak_at_first_step: int | None = None
 
     def start(self, model: Any) -> None:
+        self.peak_at_start = status_bytes("VmHWM")
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def step(self, epoch: int) -> None:
@@ -62,7 +64,8 @@ class StepClock:
 
     def figures(self) -> dict[str, Any]:
         """Steps, seconds to the first, the median seconds per step within epochs (the first
-        ``WARMUP_STEPS`` left out, as long as one is left), trainable parameters, RSS peak at the first step."""
+        ``WARMUP_STEPS`` left out, as long as one is left), trainable parameters, the RSS peak when training
+        starts (model, data and optimizer ready) and at the first step."""
         within = [
             b - a for (epoch, a), (next_epoch, b) in zip(self.marks, self.marks[1:]) if epoch == next_epoch
         ]
@@ -72,6 +75,7 @@ class StepClock:
             "first_step_s": self.marks[0][1] - self.origin if self.marks else None,
             "step_s": statistics.median(steady) if steady else None,
             "trainable": self.trainable,
+            "peak_rss_train_start": self.peak_at_start,
             "peak_rss_first_step": self.peak_at_first_step,
         }
 
@@ -96,15 +100,16 @@ def hand_side(spec: dict[str, Any], clock: StepClock) -> float:
 
 
 def finetune_side(spec: dict[str, Any], clock: StepClock) -> float:
-    """``python -m finetune fit --config RECIPE`` with the probe callback; the run's figure: the test
-    metric, or the best of the validation metric over the epochs."""
+    """``python -m finetune fit --config RECIPE`` with the probe callback (and ``spec["arguments"]``, more
+    command-line arguments); the run's figure: the test metric, or the best of the validation metric over
+    the epochs."""
     from bench.parity_probe import Probe
     from finetune.cli import main
 
     Probe.clock, Probe.metrics = clock, {}
     out = Path(spec["out"])
     argv = ["fit", "--config", spec["recipe"], f"--trainer.default_root_dir={out}"]
-    argv.append("--trainer.callbacks+=bench.parity_probe.Probe")
+    argv += ["--trainer.callbacks+=bench.parity_probe.Probe", *spec.get("arguments", [])]
     if spec["cold_cache"]:
         argv.append(f"--data.init_args.cache_dir={out / 'cache'}")
     if main(argv) != 0:
@@ -153,7 +158,10 @@ def child_task(spec: dict[str, Any], origin: float) -> Any:
     if spec["task"] == "prepare":
         from bench.parity_cases import CASES, prepare
 
-        return prepare(CASES[spec["case"]], spec["seeds"], Path(spec["work"]), spec["smoke"], spec["device"])
+        case = CASES[spec["case"]]
+        return prepare(
+            case, spec["seeds"], Path(spec["work"]), spec["smoke"], spec["device"], spec["changes"]
+        )
     if spec["task"] == "plan":
         return plan_estimate(spec["recipe"])
     return run_side(spec, origin)
