@@ -63,6 +63,7 @@ class Tasks:
         module: str = "bench.parity",
         handler: Callable[[dict[str, Any], float], Any] = child_task,
     ) -> None:
+        work.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.in_process = in_process
         self.module = module
@@ -78,8 +79,8 @@ class Tasks:
             return result, time.time() - origin
         spec_file = self.work / f"{label}.spec.json"
         spec_file.write_text(json.dumps(spec, indent=1))
-        log = self.work / f"{label}.log"
-        with log.open("w") as output:
+        log_file = self.work / f"{label}.log"
+        with log_file.open("w") as output:
             origin = time.time()
             completed = subprocess.run(
                 [sys.executable, "-m", self.module, "--child", str(spec_file)],
@@ -91,14 +92,13 @@ class Tasks:
             )
             wall = time.time() - origin
         if completed.returncode != 0:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-            raise RuntimeError(f"{label} failed (exit {completed.returncode}); {log} ends:\n{tail}")
+            tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
+            raise RuntimeError(f"{label} failed (exit {completed.returncode}); {log_file} ends:\n{tail}")
         return json.loads(Path(spec["result"]).read_text()), wall
 
 
 def measure(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Prepare the case, estimate its memory, then the runs; every result and the case's summary."""
-    work.mkdir(parents=True, exist_ok=True)
     tasks = Tasks(work, args.in_process)
     prepare = {"task": "prepare", "case": case.name, "seeds": args.seeds, "work": str(work)}
     changes = {"trainer.max_epochs": args.epochs} if args.epochs else {}
