@@ -21,8 +21,8 @@ peak RSS (``VmHWM``) and the wall time; the plan's estimate against finetune's p
 ``torch.cuda.max_memory_allocated``). Prints markdown tables with the targets of the issue; ``--json`` keeps
 every run.
 
-``--smoke``: tiny models and data of each kind, one epoch of 3-4 steps, one seed, one run per side, in this
-process (``--processes``: in child processes, as the real runs); its figures mean nothing.
+``--smoke``: tiny models and data of each kind, one epoch of 2-4 steps, one seed, one run per side, one
+thread, in this process (``--processes``: in child processes, as the real runs); its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -319,20 +320,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not log.handlers:
         log.addHandler(logging.StreamHandler())
         log.setLevel(logging.INFO)
-    if args.in_process:
-        os.environ.update(ENVIRONMENT)
-    with tempfile.TemporaryDirectory(prefix="parity-") as temporary:
+    with settings(args), tempfile.TemporaryDirectory(prefix="parity-") as temporary:
         work = Path(args.work or temporary)
         cases = [measure(CASES[name], args, work / name) for name in args.cases]
     report = {"meta": machine(args), "cases": cases}
     meta = report["meta"]
+    versions = ", ".join(f"{name} {version}" for name, version in meta["versions"].items())
     print(
-        f"Run {meta['date']} on {meta['machine']}; {json.dumps(meta['versions'])}; seeds {args.seeds}, {args.repeats} runs per side\n"
+        f"Run {meta['date']} on {meta['machine']}; {versions}; seeds {args.seeds}, {args.repeats} runs per side\n"
     )
     print(tables(cases))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return report
+
+
+@contextmanager
+def settings(args: argparse.Namespace) -> Iterator[None]:
+    """The offline settings in this process and its children, restored afterwards; for ``--smoke`` one
+    thread per process (on a busy machine tiny ops wait far longer for a second thread than they compute)."""
+    wanted = {**ENVIRONMENT, **({"OMP_NUM_THREADS": "1"} if args.smoke else {})}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    threads = None
+    if args.smoke and args.in_process:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+        if threads is not None:
+            torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ def check_report(report: dict, cases: list[str]) -> None:
         assert case["plan"]["estimate"] > 0
 
 
-@pytest.mark.slow
 def test_smoke_runs_every_case_on_both_sides(tmp_path, capsys):
     out = tmp_path / "parity.json"
     main(["--smoke", "--work", str(tmp_path / "work"), "--json", str(out)])
