@@ -6,7 +6,7 @@ split finetune made, exported to ``train/val/test.jsonl`` and ``labels.json``) i
 epoch's is finetune's sampler's, ``default_rng([seed, epoch]).permutation``); AdamW with the same groups
 (no decay on biases, norms and embeddings; the head at its own LR); the same warmup and decay per optimizer
 step (``transformers.get_scheduler``); the same batch, length, steps and seed. Each epoch validates; the
-best epoch's trained weights go to a file and come back at the end, to be tested and saved.
+best epoch's trained weights (and buffers) go to a file and come back at the end, to be tested and saved.
 
 ``clock.step(epoch)`` marks each optimizer step (``bench.parity_sides`` times them). Each loop returns its
 figure: test accuracy, or for SFT the best validation loss per response token.
@@ -126,7 +126,7 @@ def fit(
         if best is None or (score > best if higher_is_better else score < best):
             best = score
             trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            torch.save(trained, out / "best.pt")
+            torch.save(trained | dict(model.named_buffers()), out / "best.pt")  # BatchNorm statistics too
     model.load_state_dict(torch.load(out / "best.pt"), strict=False)
     model.eval()
     return best
