@@ -49,7 +49,8 @@ class ExportModel(pl.Callback):
             self._export_from_checkpoint(trainer, pl_module, best)
             return
         if self.use_best and best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            # Memory-mapped: the checkpoint's optimizer state (about twice the weights) is never read in.
+            state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
             pl_module.load_weights(state)
             log.info("Loaded the best checkpoint %s for export", best)
         if trainer.is_global_zero:
