@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def save_llama(directory: Path, tokenizer, hidden: int, layers: int, seed: int) -> Path:
@@ -112,12 +114,15 @@ def export_classifier(backbone: Path | dict, labels: list[str], directory: Path)
     return task.export(directory)
 
 
-def save_tiny_bert(directory: Path, dropout: float = 0.1) -> Path:
-    """A 2-layer, 32-wide random BERT (seed 0) with the word-level tokenizer, saved in ``directory``."""
+def save_tiny_bert(
+    directory: Path, dropout: float = 0.1, seed: int = 0, tokenizer_of: Callable[[Path], Any] | None = None
+) -> Path:
+    """A 2-layer, 32-wide random BERT (``seed``) with a tokenizer (``tokenizer_of(directory)``; default the
+    word-level one, ``make_tokenizer``), saved in ``directory``."""
     import torch
     from transformers import AutoModel, BertConfig
 
-    tokenizer = make_tokenizer(directory)
+    tokenizer = (tokenizer_of or make_tokenizer)(directory)
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -128,6 +133,6 @@ def save_tiny_bert(directory: Path, dropout: float = 0.1) -> Path:
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     AutoModel.from_config(config).save_pretrained(directory)
     return directory

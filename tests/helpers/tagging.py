@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from tests.helpers.models import save_tiny_bert
+
 # Whole words, and the pieces that continue one: "annas" -> anna ##s, "parisville" -> paris ##ville.
 PIECES = ["anna", "bob", "paris", "berlin", "the", "city", "visited", "likes", "and", "today", "visit"]
 SUFFIXES = ["##s", "##ville", "##ing"]
@@ -28,23 +30,7 @@ def make_wordpiece_tokenizer(directory: Path):
 
 def save_tagger_bert(directory: Path, seed: int = 0) -> Path:
     """A 2-layer, 32-wide random BERT (no dropout) with the word-piece tokenizer, saved in ``directory``."""
-    import torch
-    from transformers import AutoModel, BertConfig
-
-    tokenizer = make_wordpiece_tokenizer(directory)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(seed)
-    AutoModel.from_config(config).save_pretrained(directory)
-    return directory
+    return save_tiny_bert(directory, dropout=0.0, seed=seed, tokenizer_of=make_wordpiece_tokenizer)
 
 
 def rule_tags(words: list[str]) -> list[str]:
