@@ -108,6 +108,10 @@ class FinetuneTask(LossTermsMixin, pl.LightningModule):
         """Write the model so that it loads without ``finetune``; adapters alone unless ``merge``."""
         raise NotImplementedError
 
+    def datamodule(self) -> Any:
+        """The trainer's datamodule, or None (a task built without data, from its hyperparameters)."""
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
     def describe_task(self) -> str:
         """What is trained, in a line or two, for the run plan: the task, its backbone and model class."""
         model = type(self.model).__name__ if self.model is not None else "not built"

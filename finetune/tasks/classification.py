@@ -95,7 +95,7 @@ class ClassificationTask(FinetuneTask):
         return self.image_config.plain() if self.image_config is not None else None
 
     def build_model(self) -> tuple[nn.Module, Layout]:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.datamodule()
         check = getattr(datamodule, "check_task", None)
         if callable(check):
             check(self.target_kind, type(self).__name__)
@@ -173,7 +173,7 @@ class ClassificationTask(FinetuneTask):
         return self.backbone.load_classifier(labels, options, head=self.head).model
 
     def _resolve_labels(self) -> list[str]:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.datamodule()
         data_labels = (
             list(datamodule.labels) if datamodule is not None and hasattr(datamodule, "labels") else None
         )
@@ -191,7 +191,7 @@ class ClassificationTask(FinetuneTask):
 
     def _resolve_image_config(self) -> ImageConfig | None:
         """The datamodule's evaluation image preparation when it has one, else the one given."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.datamodule()
         image_config = getattr(datamodule, "image_config", None)
         return image_config() if callable(image_config) else self.image_config
 

@@ -51,10 +51,6 @@ class FloatTargetTask(ClassificationTask):
         """The hyperparameters the task learns (from its buffers), as plain data."""
         return {}
 
-    def datamodule(self) -> Any:
-        """The trainer's datamodule, or None (a task built without data, from its hyperparameters)."""
-        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-
     @override
     def build_model(self) -> tuple[nn.Module, Layout]:
         model, layout = super().build_model()

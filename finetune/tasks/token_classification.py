@@ -101,7 +101,7 @@ class TokenClassificationTask(FinetuneTask):
         return "\n".join([super().describe_task(), f"tags: {shown}", head])
 
     def _resolve_labels(self) -> list[str]:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.datamodule()
         data_labels = list(datamodule.labels) if hasattr(datamodule, "labels") else None
         if self.labels is None and data_labels is None:
             raise RecipeError("model.labels", "no tags known: give model labels or a datamodule with labels")
