@@ -10,7 +10,7 @@ module and optimizer without a ``Trainer`` (``print(describe(self, optimizer))``
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
@@ -232,7 +232,12 @@ def _teacher_bytes(trainer: pl.Trainer) -> int:
 
 
 def _probe_activations(trainer: pl.Trainer, module: pl.LightningModule, precision: str) -> int | None:
-    """Activation bytes of one training micro-batch through ``module(batch)``; None if that cannot run."""
+    """Activation bytes of one training micro-batch through ``module(batch)``; None if that cannot run.
+
+    The forward runs on the batch's first ``PROBE_ROWS`` rows (same padded length) and is scaled to the
+    whole batch: saved activations grow linearly with the rows, and a full-batch probe cost seconds of
+    start-up and a transient peak as large as a training step's.
+    """
     loader = trainer.train_dataloader
     if loader is None or is_sharded(module):
         # A sharded forward is a collective; the plan runs on rank 0 alone (the plan command measures it).
@@ -240,8 +245,12 @@ def _probe_activations(trainer: pl.Trainer, module: pl.LightningModule, precisio
     try:
         with torch.random.fork_rng(devices=[]):  # fetching a shuffled batch draws from the RNG
             batch = next(iter(loader))
+        rows = _rows(batch)
+        probe_rows = min(rows, PROBE_ROWS) if rows else None
+        if probe_rows:
+            batch = _first_rows(batch, rows, probe_rows)
         batch = trainer.strategy.batch_to_device(batch)
-        return activation_bytes(module, lambda: module(batch), precision, module.device)
+        saved = activation_bytes(module, lambda: module(batch), precision, module.device)
     except (
         TypeError,
         RuntimeError,
@@ -253,3 +262,27 @@ def _probe_activations(trainer: pl.Trainer, module: pl.LightningModule, precisio
     ) as error:
         log.debug("activation probe failed: %s", error)
         return None
+    return saved * rows // probe_rows if probe_rows else saved
+
+
+PROBE_ROWS = 2
+
+
+def _rows(batch: object) -> int | None:
+    """The batch's row count: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    return next((rows for rows in map(_rows, values) if rows), None)
+
+
+def _first_rows(batch: object, rows: int, keep: int) -> object:
+    """``batch`` with every tensor of ``rows`` rows cut to its first ``keep`` (other values as they are)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:keep] if batch.dim() and batch.shape[0] == rows else batch
+    if isinstance(batch, Mapping):
+        return {key: _first_rows(value, rows, keep) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        values = [_first_rows(value, rows, keep) for value in batch]
+        return type(batch)(*values) if hasattr(batch, "_fields") else type(batch)(values)  # a namedtuple
+    return batch

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401  (binds Lightning's log handler to the real stderr, before capsys swaps it)
 import pandas as pd
 import pytest
+import yaml
 import torch
 
 from finetune import ClassificationTask
@@ -44,6 +45,8 @@ def test_fit_writes_a_complete_run_folder(text_run):
     ):
         assert (run / name).is_file(), name
     assert json.loads((run / "labels.json").read_text()) == ["negative", "positive"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["num_sanity_val_steps"] == 1  # our default, not Lightning's 2
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
     metrics = pd.read_csv(run / "metrics.csv")

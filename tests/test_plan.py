@@ -132,3 +132,30 @@ def test_plan_divides_memory_by_the_recipes_sharding(tiny_bert_dir, text_csv, tm
     assert zero2["weights"] == alone["weights"]
     assert zero2["optimizer state"] == pytest.approx(alone["optimizer state"] / 4, abs=0.1)
     assert not (tmp_path / "runs").exists()
+
+
+def test_probe_rows_cut_every_batch_tensor_and_scale_linearly(tiny_bert_dir):
+    from collections import namedtuple
+
+    from transformers import AutoModel
+
+    from finetune.plan import _first_rows, _rows
+
+    Pair = namedtuple("Pair", "images labels")
+    batch = {"input_ids": torch.ones(8, 5, dtype=torch.long), "extra": [Pair(torch.zeros(8, 3), torch.arange(8))]}
+    cut = _first_rows(batch, _rows(batch), 2)
+    assert cut["input_ids"].shape == (2, 5)
+    assert isinstance(cut["extra"][0], Pair) and cut["extra"][0].labels.tolist() == [0, 1]
+    assert _rows({"scalar": torch.tensor(1.0), "x": (torch.zeros(4, 2),)}) == 4
+
+    # Saved activations grow with the rows: the plan probes 2 rows and scales to the batch.
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    ids = torch.randint(0, model.config.vocab_size, (8, 12))
+    mask = torch.ones_like(ids)
+    mask[3, 7:] = 0
+
+    def saved(rows: int) -> int:
+        forward = lambda: model(input_ids=ids[:rows], attention_mask=mask[:rows]).last_hidden_state  # noqa: E731
+        return activation_bytes(model, forward, "32-true", torch.device("cpu"))
+
+    assert saved(2) * 4 == pytest.approx(saved(8), rel=0.05)
