@@ -218,6 +218,8 @@ def memory_table(trainer: pl.Trainer, module: pl.LightningModule, placement: Pla
     teacher = _teacher_bytes(trainer)
     if teacher:
         rows.append(("distillation teacher (frozen, whole on every device)", teacher))
+    memory_rows = getattr(module, "memory_rows", None)
+    rows += memory_rows() if callable(memory_rows) else []
     rows.append(("total", sum(size or 0 for _, size in rows)))
     lines = [[name, human(size)] for name, size in rows]
     return f"{placement.describe()}\n" + table([f"precision {precision}", "bytes"], lines)

@@ -117,6 +117,11 @@ class FinetuneTask(LossTermsMixin, pl.LightningModule):
         model = type(self.model).__name__ if self.model is not None else "not built"
         return f"{type(self).__name__} on {self.backbone.name} ({model})"
 
+    def memory_rows(self) -> list[tuple[str, int]]:
+        """Bytes the task holds beside the trained model on every device (a frozen reference model, for
+        example), as rows of the run plan's memory table."""
+        return []
+
     def checkpointed_names(self) -> set[str]:
         """State-dict keys a checkpoint keeps: all, or only trainable parameters and buffers."""
         names = set(self.state_dict())
