@@ -35,10 +35,13 @@ PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assis
 Segment = tuple[str, bool]  # (text, is part of a response)
 
 
-class ConversationChunks:
-    """The conversations of a JSONL file as DataFrames of a ``messages`` column (lists of ``{"role",
-    "content"}`` ending with an assistant turn), at most ``rows`` at a time; ``replaced`` counts the bytes
-    that were not UTF-8 (replaced, as for tables). ``encoding`` and ``dtype`` exist for ``read_arrow``."""
+class JsonlChunks:
+    """The rows of a JSONL file as DataFrames, at most ``rows`` at a time: each line's JSON object becomes one
+    row of the columns ``row`` returns (subclasses say how, and raise ``RecipeError`` on bad lines);
+    ``replaced`` counts the bytes that were not UTF-8 (replaced, as for tables). ``encoding`` and ``dtype``
+    exist for ``read_arrow``."""
+
+    noun = "rows"  # what the file holds, for the error on an empty file
 
     def __init__(
         self, path: Path, key: str, encoding: str = "auto", rows: int | None = None, dtype: Any = None
@@ -49,41 +52,56 @@ class ConversationChunks:
         self.rows = rows or CHUNK_ROWS
         self.replaced = 0
 
+    def row(self, value: Any, where: str) -> dict[str, Any]:
+        """The columns of one line's JSON ``value``; ``where`` (file and line) starts error messages."""
+        raise NotImplementedError
+
     def __iter__(self) -> Iterator[pd.DataFrame]:
-        batch: list[list[dict[str, str]]] = []
+        batch: list[dict[str, Any]] = []
         found = 0
         with DecodedText(self.path, self.encoding) as text:
             for number, line in enumerate(io.BufferedReader(text, BLOCK), start=1):
                 if not line.strip():
                     continue
-                batch.append(self._messages(line, number))
+                where = f"{self.path.name} line {number}"
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise RecipeError(self.key, f"{where} is not JSON ({error.msg})") from None
+                batch.append(self.row(value, where))
                 if len(batch) == self.rows:
-                    yield pd.DataFrame({"messages": batch})
+                    yield _frame(batch)
                     found, batch = found + len(batch), []
         self.replaced = text.replaced
         if batch:
-            yield pd.DataFrame({"messages": batch})
+            yield _frame(batch)
         elif not found:
-            raise RecipeError(self.key, f"{self.path.name} has no conversations")
+            raise RecipeError(self.key, f"{self.path.name} has no {self.noun}")
 
-    def _messages(self, line: bytes, number: int) -> list[dict[str, str]]:
-        name, key = self.path.name, self.key
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RecipeError(key, f"{name} line {number} is not JSON ({error.msg})") from None
-        if isinstance(row, dict) and "messages" in row:
-            messages = [{"role": m["role"], "content": str(m["content"])} for m in row["messages"]]
-        elif isinstance(row, dict) and "prompt" in row and "response" in row:
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame({name: [row[name] for row in rows] for name in rows[0]})
+
+
+class ConversationChunks(JsonlChunks):
+    """The conversations of a JSONL file as DataFrames of a ``messages`` column (lists of ``{"role",
+    "content"}`` ending with an assistant turn)."""
+
+    noun = "conversations"
+
+    def row(self, value: Any, where: str) -> dict[str, Any]:
+        if isinstance(value, dict) and "messages" in value:
+            messages = [{"role": m["role"], "content": str(m["content"])} for m in value["messages"]]
+        elif isinstance(value, dict) and "prompt" in value and "response" in value:
             messages = [
-                {"role": "user", "content": str(row["prompt"])},
-                {"role": "assistant", "content": str(row["response"])},
+                {"role": "user", "content": str(value["prompt"])},
+                {"role": "assistant", "content": str(value["response"])},
             ]
         else:
-            raise RecipeError(key, f"{name} line {number} needs 'prompt' and 'response', or 'messages'")
+            raise RecipeError(self.key, f"{where} needs 'prompt' and 'response', or 'messages'")
         if not messages or messages[-1]["role"] != "assistant":
-            raise RecipeError(key, f"{name} line {number} must end with an assistant message")
-        return messages
+            raise RecipeError(self.key, f"{where} must end with an assistant message")
+        return {"messages": messages}
 
 
 def segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[Segment]:
@@ -118,13 +136,16 @@ def _chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[Segme
     return parts
 
 
-def tokenize(tokenizer: Any, parts: list[Segment], max_length: int) -> dict[str, list[int]]:
-    """Token ids and labels (-100 outside responses), truncated to ``max_length``."""
+def tokenize(
+    tokenizer: Any, parts: list[Segment], max_length: int | None, start: bool = True
+) -> dict[str, list[int]]:
+    """Token ids and labels (-100 outside responses), truncated to ``max_length`` (None: not). ``start``: the parts
+    begin the sequence, which then begins with BOS (false: they continue one, as a response after its prompt)."""
     bos = tokenizer.bos_token_id
     text = "".join(t for t, _ in parts)
     # A plain template adds BOS itself; a chat template writes it into the text.
     written = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
-    ids = [bos] if bos is not None and not written else []
+    ids = [bos] if start and bos is not None and not written else []
     labels = [IGNORE] * len(ids)
     for piece, is_response in parts:
         piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]

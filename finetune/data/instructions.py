@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from finetune.data.arrow import cached_map, fingerprint, read_arrow, reopened
 from finetune.data.conversations import (
     IGNORE,
     ConversationChunks,
+    JsonlChunks,
     pack_batch,
     pack_plan,
     segments,
@@ -63,13 +64,122 @@ class TokenRows(torch.utils.data.Dataset):
         return self.padding(items)
 
 
-class InstructionData(TokenizerOfBackbone, LoaderDataModule):
+class JsonlTokenData(TokenizerOfBackbone, LoaderDataModule):
+    """What the JSONL data of causal LMs shares (instructions, preference pairs): a train file and a val file
+    (or ``val_fraction`` of train held out after sampling ``limit`` rows, by ``seed``), each converted once
+    to memory-mapped Arrow by ``reader`` and tokenised by a cached ``Dataset.map`` (``_tokens``, which
+    subclasses write), and the loaders over the token rows (``datasets``).
+
+    The backbone may be a run folder or an adapters export of a causal LM: its tokenizer is that of the
+    merged model it stands for (``finetune.tasks.sft.causal_lm_backbone``).
+    """
+
+    reader: ClassVar[type[JsonlChunks]]
+
+    def __init__(
+        self,
+        train: str | None,
+        val: str | None,
+        val_fraction: float,
+        limit: int | None,
+        max_length: int,
+        num_proc: int | None,
+        **loader: Any,
+    ) -> None:
+        super().__init__(**loader)
+        check_hold_out({"val": val_fraction}, limit)
+        require(max_length > 1, "data.max_length", f"must be 2 or more, got {max_length}")
+        require(num_proc is None or num_proc > 0, "data.num_proc", f"must be 1 or more, got {num_proc}")
+        self.sources = {"train": train, "val": val}
+        self.val_fraction = val_fraction
+        self.limit = limit
+        self.max_length = max_length
+        self.num_proc = num_proc
+
+    @override
+    def backbone_spec(self) -> Backbone:
+        from finetune.tasks.sft import causal_lm_backbone
+
+        return causal_lm_backbone(super().backbone_spec())
+
+    @cached_property
+    def _splits(self) -> dict[str, ArrowRows]:
+        """The train and val rows after ``limit`` and the held-out split."""
+        if self.sources["train"] is None:
+            raise RecipeError("data.train", "no training data; set data.train to a JSONL file")
+        train = self._read("train")
+        given_val = self.sources["val"] is not None
+        picked = hold_out(len(train), {} if given_val else {"val": self.val_fraction}, self.seed, self.limit)
+        val = self._read("val") if given_val else train.take(picked.get("val", np.zeros(0, np.int64)))
+        train = train.take(picked["train"])
+        logger.info("%s: train %d, val %d", self.reader.noun, len(train), len(val))
+        return {"train": train, "val": val}
+
+    def _read(self, split: str) -> ArrowRows:
+        key = f"data.{split}"
+        path = resolve_path(self.sources[split], key)
+        rows, print_ = read_arrow([path], key, "auto", self.cache, reader=self.reader)
+        return ArrowRows(rows, print_, self.cache)
+
+    def _tokens(self, split: str) -> datasets.Dataset:
+        """The token rows of ``split`` (a cached ``map`` over ``self._splits[split]``)."""
+        raise NotImplementedError
+
+    def sample_prompts(self, n: int) -> list[dict[str, Any]]:
+        """The first ``n`` validation prompts for sample generations: ``prompt`` (text), ``prompt_ids`` and
+        ``reference`` (the response the data gives)."""
+        raise NotImplementedError
+
+    def _token_rows(self, tokens: datasets.Dataset, pad_id: int) -> TokenRows:
+        """The torch dataset of a split's token rows."""
+        return TokenRows(tokens, pad_id)
+
+    @cached_property
+    def datasets(self) -> dict[str, TokenRows]:
+        """The train and val token rows, as torch datasets."""
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        return {
+            split: self._token_rows(self._tokens(split).with_format(None), pad) for split in ("train", "val")
+        }
+
+    def _kept(self, split: str, rows: int, tokens: datasets.Dataset) -> None:
+        """Warn when tokenising dropped rows (no response token left within ``max_length``)."""
+        if len(tokens) < rows:
+            logger.warning(
+                "%d %s %s have no response left within max_length %d and are skipped",
+                rows - len(tokens),
+                split,
+                self.reader.noun,
+                self.max_length,
+            )
+
+    @override
+    def prepare_data(self) -> None:
+        """Tokenise on one process per machine first (Lightning holds the others back until it is done):
+        they then find the token files in the cache."""
+        self.datasets  # noqa: B018 - builds (or loads) the cached token files
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader(self.datasets["train"])
+
+    @override
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # An empty list tells Lightning there is no validation.
+        dataset = self.datasets["val"]
+        return self.eval_loader(dataset) if len(dataset) else []
+
+
+class InstructionData(JsonlTokenData):
     """Prompt/response (or chat ``messages``) JSONL files for supervised fine-tuning of a causal LM.
 
     Batches hold ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on response tokens).
     ``sample_prompts(n)`` gives validation prompts for sample generations. Conversations and their tokens
     live in memory-mapped Arrow files in ``cache_dir``, written once per data file and tokenizer.
     """
+
+    reader = ConversationChunks
 
     def __init__(
         self,
@@ -106,6 +216,12 @@ class InstructionData(TokenizerOfBackbone, LoaderDataModule):
             backbone: the model's backbone (for its tokenizer); set from ``model.backbone``.
         """
         super().__init__(
+            train,
+            val,
+            val_fraction,
+            limit,
+            max_length,
+            num_proc,
             backbone=backbone,
             seed=seed,
             batch_size=batch_size,
@@ -113,40 +229,14 @@ class InstructionData(TokenizerOfBackbone, LoaderDataModule):
             num_workers=num_workers,
             cache_dir=cache_dir,
         )
-        check_hold_out({"val": val_fraction}, limit)
-        require(max_length > 1, "data.max_length", f"must be 2 or more, got {max_length}")
-        require(num_proc is None or num_proc > 0, "data.num_proc", f"must be 1 or more, got {num_proc}")
-        self.sources = {"train": train, "val": val}
-        self.val_fraction = val_fraction
-        self.limit = limit
-        self.max_length = max_length
         self.packing = packing
-        self.num_proc = num_proc
-
-    @cached_property
-    def _splits(self) -> dict[str, ArrowRows]:
-        """The train and val conversations after ``limit`` and the held-out split."""
-        if self.sources["train"] is None:
-            raise RecipeError("data.train", "no training data; set data.train to a JSONL file")
-        train = self._read("train")
-        given_val = self.sources["val"] is not None
-        picked = hold_out(len(train), {} if given_val else {"val": self.val_fraction}, self.seed, self.limit)
-        val = self._read("val") if given_val else train.take(picked.get("val", np.zeros(0, np.int64)))
-        train = train.take(picked["train"])
-        logger.info("conversations: train %d, val %d", len(train), len(val))
-        return {"train": train, "val": val}
-
-    def _read(self, split: str) -> ArrowRows:
-        key = f"data.{split}"
-        path = resolve_path(self.sources[split], key)
-        rows, print_ = read_arrow([path], key, "auto", self.cache, reader=ConversationChunks)
-        return ArrowRows(rows, print_, self.cache)
 
     @property
     def conversations(self) -> dict[str, datasets.Dataset]:
         """The train and val conversations (a ``messages`` column), memory-mapped."""
         return {split: rows.rows for split, rows in self._splits.items()}
 
+    @override
     def _tokens(self, split: str) -> datasets.Dataset:
         rows = self._splits[split]
         key = fingerprint(rows.fingerprint, self.tokenizer_fingerprint, self.max_length, "sft tokens")
@@ -162,13 +252,7 @@ class InstructionData(TokenizerOfBackbone, LoaderDataModule):
             fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.max_length},
             desc=f"tokenizing {split}",
         )
-        if len(tokens) < len(rows):
-            logger.warning(
-                "%d %s conversations have no response left within max_length %d and are skipped",
-                len(rows) - len(tokens),
-                split,
-                self.max_length,
-            )
+        self._kept(split, len(rows), tokens)
         if self.packing and split == "train":
             return self._pack(tokens, key)
         return tokens
@@ -190,12 +274,7 @@ class InstructionData(TokenizerOfBackbone, LoaderDataModule):
             desc="packing train",
         )
 
-    @cached_property
-    def datasets(self) -> dict[str, TokenRows]:
-        pad = self.tokenizer.pad_token_id
-        pad = self.tokenizer.eos_token_id if pad is None else pad
-        return {split: TokenRows(self._tokens(split).with_format(None), pad) for split in ("train", "val")}
-
+    @override
     def sample_prompts(self, n: int) -> list[dict[str, Any]]:
         """The first ``n`` validation conversations up to their last reply: prompt text and ids, and the reference."""
         val = self.conversations["val"]
@@ -207,22 +286,6 @@ class InstructionData(TokenizerOfBackbone, LoaderDataModule):
             prompt = "".join(t for t, _ in prompt_parts)
             samples.append({"prompt": prompt, "prompt_ids": ids, "reference": messages[-1]["content"]})
         return samples
-
-    @override
-    def prepare_data(self) -> None:
-        """Tokenise on one process per machine first (Lightning holds the others back until it is done):
-        they then find the token files in the cache."""
-        self.datasets  # noqa: B018 - builds (or loads) the cached token files
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.datasets["train"])
-
-    @override
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        # An empty list tells Lightning there is no validation.
-        dataset = self.datasets["val"]
-        return self.eval_loader(dataset) if len(dataset) else []
 
 
 def _token_features() -> Any:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,6 +58,28 @@ def fully_trained_modules(model: nn.Module) -> list[str]:
         if parameter.requires_grad and name not in adapters
     )
     return list(owners)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model inside the block: every adapted layer computes its base layer alone
+    (peft's ``enable_adapters(False)`` on each injected tuner layer; no weights change, nothing is copied).
+
+    On leaving, each layer is as it was and every parameter keeps the ``requires_grad`` it had (peft's
+    re-enabling would set it on the active adapters). A model without adapters runs unchanged.
+    """
+    layers = [module for _, module in _tuner_layers(model)]
+    disabled = [layer.disable_adapters for layer in layers]
+    trainable = {parameter: parameter.requires_grad for layer in layers for parameter in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer, was_disabled in zip(layers, disabled):
+            layer.enable_adapters(not was_disabled)
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
 
 
 def is_quantised(model: nn.Module) -> bool:
