@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from finetune.tasks import FinetuneTask, SFTTask
+    from finetune.tasks import FinetuneTask
 
 
 def write_atomically(directory: Path, write: Any) -> Path:
@@ -62,8 +62,9 @@ def write_model(
         save_adapter(task.model, target, base_model=task.backbone.name)
 
 
-def export_causal_lm(task: SFTTask, directory: Path, merge: bool = False) -> Path:
-    """Export a causal LM as a Hugging Face folder (safetensors) with its tokenizer, or the adapters alone."""
+def export_language_model(task: FinetuneTask, directory: Path, merge: bool = False) -> Path:
+    """Export a language model (causal or encoder-decoder) as a Hugging Face folder (safetensors) with its
+    tokenizer, or the adapters alone in peft's format; it loads with the matching ``AutoModelFor*LM``."""
 
     def save_plain(model: Any, target: Path) -> None:
         model.save_pretrained(target)
@@ -73,3 +74,7 @@ def export_causal_lm(task: SFTTask, directory: Path, merge: bool = False) -> Pat
         task.backbone.tokenizer().save_pretrained(target)
 
     return write_atomically(directory, write)
+
+
+# The name SFTTask imports; nothing here is specific to causal LMs.
+export_causal_lm = export_language_model

@@ -50,6 +50,10 @@ class BackboneLoader(Protocol):
     def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
         """Load a decoder-only language model with its LM head; raise ``RecipeError`` if the family has none."""
 
+    def load_seq2seq_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
+        """Load an encoder-decoder language model (T5, BART) with its LM head; ``RecipeError`` if the model
+        is none. Optional: a family without this method has no encoder-decoder models."""
+
     def logits(self, model: Any, batch: Mapping[str, Any]) -> Any:
         """Class logits for a batch produced by this family's preprocessing."""
 
@@ -221,6 +225,17 @@ class Backbone:
     def load_causal_lm(self, options: Mapping[str, Any] | None = None) -> Any:
         loader, source = self.resolve()
         return loader.load_causal_lm(source, self, options or {})
+
+    def load_seq2seq_lm(self, options: Mapping[str, Any] | None = None) -> Any:
+        """An encoder-decoder language model (T5, BART) with its pretrained LM head, read with the strategy's
+        loader ``options`` (quantisation, dtype)."""
+        loader, source = self.resolve()
+        load = getattr(loader, "load_seq2seq_lm", None)
+        if load is None:
+            raise RecipeError(
+                KEY, f"{loader.family} models are not encoder-decoder language models; give an hf: T5 or BART"
+            )
+        return load(source, self, options or {})
 
     def tokenizer(self) -> Any:
         loader, source = self.resolve()

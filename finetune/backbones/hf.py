@@ -117,12 +117,45 @@ class HFLoader:
         return sentence_transformers_pooling(modules or [], read)
 
     def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        kinds = (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "a causal language model")
+        return self._load_lm(*kinds, source, backbone, options)
+
+    def load_seq2seq_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
+        from transformers import AutoModelForSeq2SeqLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+        kinds = (
+            AutoModelForSeq2SeqLM,
+            MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+            "an encoder-decoder (T5, BART)",
+        )
+        return self._load_lm(*kinds, source, backbone, options)
+
+    def _load_lm(
+        self,
+        auto: Any,
+        model_types: Mapping[str, str],
+        what: str,
+        source: str,
+        backbone: Backbone,
+        options: Mapping[str, Any],
+    ) -> Any:
+        """A language model with its pretrained LM head through ``auto``; RecipeError when the config's
+        model type has no such model (unless the model ships its own code for it, ``auto_map``)."""
+        from transformers import AutoConfig
 
         config = _reading(
             source, "config", lambda: AutoConfig.from_pretrained(source, **_hub_kwargs(backbone))
         )
-        return self._load(AutoModelForCausalLM, source, config, backbone, options)
+        own_code = auto.__name__ in (getattr(config, "auto_map", None) or {})
+        if config.model_type not in model_types and not own_code:
+            raise RecipeError(
+                KEY, f"{source!r} is a {config.model_type} model, which transformers has as no {what}"
+            )
+        return self._load(auto, source, config, backbone, options)
 
     @staticmethod
     def _load(

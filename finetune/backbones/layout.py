@@ -3,12 +3,15 @@
 timm models publish their blocks through ``group_matcher`` (the grouping behind timm's own layer-wise
 decay), so we use it. Other models (Hugging Face) are read structurally: the blocks are the instances of
 the composite module class that, repeated, holds the most parameters (``BertLayer``, ``LlamaDecoderLayer``,
-``ViTLayer``, GPT-2 ``Block`` ...).
+``ViTLayer``, GPT-2 ``Block``, T5's ``T5Block`` ...). An encoder-decoder (T5, BART) is read as two stacks, the
+encoder's blocks then the decoder's: over the whole model its two stacks, or its decoder layers alone
+(larger than the encoder's, with their cross-attention), would win.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -48,11 +51,21 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _parts(module: nn.Module) -> Iterator[nn.Module]:
+    """The children of ``module``, with those of plain containers in place of the containers."""
+    for child in module.children():
+        if isinstance(child, _CONTAINERS):
+            yield from _parts(child)
+        else:
+            yield child
+
+
 def _is_composite(module: nn.Module) -> bool:
-    """A block-like module: not a plain container, with at least two children that hold parameters."""
+    """A block-like module: not a plain container, with at least two parts that hold parameters (a T5
+    block holds its attention and feed-forward layers in one ``ModuleList``)."""
     if isinstance(module, _CONTAINERS):
         return False
-    return sum(1 for child in module.children() if _n_params(child) > 0) >= 2
+    return sum(1 for part in _parts(module) if _n_params(part) > 0) >= 2
 
 
 def structural_blocks(model: nn.Module, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -110,9 +123,31 @@ def timm_blocks(model: nn.Module, exclude: tuple[str, ...] = ()) -> tuple[tuple[
     return tuple(blocks)
 
 
+def encoder_decoder_stacks(model: nn.Module) -> tuple[str, ...]:
+    """The module names of a Hugging Face encoder-decoder's encoder and decoder, in forward order; () for
+    any other model."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return ()
+    names = {id(module): name for name, module in model.named_modules()}
+    stacks = tuple(names.get(id(stack)) for stack in (model.get_encoder(), model.get_decoder()))
+    return stacks if all(stacks) else ()
+
+
 def discover_layout(model: nn.Module, head: tuple[str, ...], new_head: bool = True) -> Layout:
     """The layout of a model whose head modules are named ``head``."""
     blocks = timm_blocks(model, exclude=head) if type(model).__module__.startswith("timm.") else ()
     if not blocks:
+        stacks = encoder_decoder_stacks(model)
+        blocks = tuple(
+            (f"{stack}.{name}",)
+            for stack in stacks
+            for name in structural_blocks(model.get_submodule(stack), exclude=_under(head, stack))
+        )
+    if not blocks:
         blocks = tuple((name,) for name in structural_blocks(model, exclude=head))
     return Layout(blocks=blocks, head=head, new_head=new_head)
+
+
+def _under(names: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    """``names`` that lie under module ``prefix``, relative to it."""
+    return tuple(name[len(prefix) + 1 :] for name in names if name.startswith(prefix + "."))
