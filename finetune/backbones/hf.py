@@ -120,7 +120,7 @@ class HFLoader:
         from transformers import AutoModelForCausalLM
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        kinds = (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "a causal language model")
+        kinds = (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal language model")
         return self._load_lm(*kinds, source, backbone, options)
 
     def load_seq2seq_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
@@ -130,7 +130,7 @@ class HFLoader:
         kinds = (
             AutoModelForSeq2SeqLM,
             MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-            "an encoder-decoder (T5, BART)",
+            "encoder-decoder language model (such as T5 or BART)",
         )
         return self._load_lm(*kinds, source, backbone, options)
 
@@ -153,7 +153,7 @@ class HFLoader:
         own_code = auto.__name__ in (getattr(config, "auto_map", None) or {})
         if config.model_type not in model_types and not own_code:
             raise RecipeError(
-                KEY, f"{source!r} is a {config.model_type} model, which transformers has as no {what}"
+                KEY, f"{source!r} is a {config.model_type} model; transformers has no {what} of that type"
             )
         return self._load(auto, source, config, backbone, options)
 

@@ -37,8 +37,10 @@ def make_seq2seq_tokenizer(directory: Path):
 
 
 def save_tiny_t5(directory: Path, width: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A random T5 (gated-GELU feed-forward, as Flan-T5; untied head) ``layers`` deep in encoder and
-    decoder, with the word-level tokenizer, saved in ``directory``; its decoder starts from ``<pad>``."""
+    """A random T5 ``layers`` deep in encoder and decoder, configured as Flan-T5 is (gated-GELU feed-forward,
+    ``tie_word_embeddings`` false: no output scaling), with the word-level tokenizer, saved in ``directory``;
+    its decoder starts from ``<pad>``. (transformers 5 ties T5's head to the shared embedding whatever the
+    config says.)"""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
