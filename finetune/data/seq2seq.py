@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from finetune.backbones.base import Backbone
 from finetune.data.arrow import cached_map, fingerprint, read_arrow, reopened
+from finetune.data.instructions import IGNORE, TokenRows
 from finetune.data.loaders import LoaderDataModule
 from finetune.data.rows import ArrowRows
 from finetune.data.splits import check_hold_out, hold_out
@@ -33,27 +34,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IGNORE = -100  # the label of target padding: cross-entropy skips it
 
+class Seq2SeqRows(TokenRows):
+    """Tokenised source/target pairs in a memory-mapped Arrow file. ``collate`` right-pads the sources (id
+    ``pad_id``, with their attention mask) and the targets (-100), each to its own longest row."""
 
-class Seq2SeqRows(torch.utils.data.Dataset):
-    """Tokenised source/target pairs in a memory-mapped Arrow file. ``collate`` pads the sources as the
-    tokenizer does (with their attention mask) and the targets, to their own longest row, with -100."""
-
-    def __init__(self, tokens: datasets.Dataset, sources: Padding) -> None:
-        self.tokens = tokens
-        self.sources = sources
+    def __init__(self, tokens: datasets.Dataset, pad_id: int) -> None:
+        super().__init__(tokens, pad_id)
+        self.sources = Padding(pad_id, side="right")
         self.targets = Padding(IGNORE, side="right", attention_mask=False)
 
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, list[int]]]:
-        return gather(self.tokens, indices)
-
+    @override
     def collate(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         batch = self.sources([{"input_ids": item["input_ids"]} for item in items])
         labels = self.targets([{"input_ids": item["labels"]} for item in items])["input_ids"]
@@ -205,10 +196,13 @@ class Seq2SeqData(TokenizerOfBackbone, LoaderDataModule):
 
     @cached_property
     def datasets(self) -> dict[str, Seq2SeqRows]:
-        padding = Padding.of(self.tokenizer)
-        return {
-            split: Seq2SeqRows(self._tokens(split).with_format(None), padding) for split in ("train", "val")
-        }
+        pad = self.tokenizer.pad_token_id
+        require(
+            pad is not None,
+            "model.backbone",
+            "the tokenizer has no padding token; an encoder-decoder's has one",
+        )
+        return {split: Seq2SeqRows(self._tokens(split).with_format(None), pad) for split in ("train", "val")}
 
     def generation_batches(
         self, n: int | None

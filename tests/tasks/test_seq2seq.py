@@ -137,6 +137,23 @@ def test_all_linear_leaves_lm_head_out_and_full_trains_everything(t5_dir, pairs)
     assert changed == trainable == {n for n, _ in full.named_parameters()}
 
 
+def test_qlora_quantises_the_t5_base_and_trains_the_adapters_alone(tmp_path, pairs):
+    import bitsandbytes as bnb
+
+    from finetune.strategies import QLoRA
+
+    t5_64 = save_tiny_t5(tmp_path / "t5", width=64)  # bitsandbytes quantises blocks of 64 values
+    strategy = QLoRA(compute_dtype="float32", rank=2, target_modules=["q", "v"])
+    task = Seq2SeqTask(str(t5_64), strategy=strategy)
+    changed, trainable = one_step(task, batch_of(data(t5_64, pairs), [0, 1]))
+    attention = task.model.decoder.block[1].layer[1].EncDecAttention
+    assert isinstance(attention.q.base_layer, bnb.nn.Linear4bit) and isinstance(
+        attention.k, bnb.nn.Linear4bit
+    )
+    adapters = set(adapter_parameter_names(task))
+    assert trainable == adapters and not changed - adapters
+
+
 class Grads(pl.Callback):
     """The gradients of the (single) optimizer step as the optimizer saw them."""
 
