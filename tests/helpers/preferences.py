@@ -19,13 +19,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def rule_pairs(count: int, seed: int) -> list[dict[str, str]]:
-    """Pairs whose chosen response names a positive word and whose rejected one a negative word, around
-    random filler words (the prompt says which filler)."""
+def rule_pairs(count: int, seed: int, fillers: list[str] = FILLER) -> list[dict[str, str]]:
+    """Pairs whose chosen response names a positive word and whose rejected one a negative word, between two
+    of ``fillers`` that the prompt names."""
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
-        filler = rng.sample(FILLER, 2)
+        filler = rng.sample(fillers, 2)
         rows.append(
             {
                 "prompt": f"say {' '.join(filler)}",

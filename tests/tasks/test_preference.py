@@ -4,18 +4,23 @@ accumulation, learning a rule, and the shipped recipes end to end (one started f
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 
+from finetune.cli import main
 from finetune.data.conversations import IGNORE
 from finetune.errors import RecipeError
 from finetune.tasks.preference import PreferenceTask, sequence_logps
 from finetune.tasks.preference_losses import dpo, ipo, orpo, simpo
-from tests.helpers.preferences import pair_data, rule_pairs, write_jsonl
+from tests.helpers.preferences import FILLER, pair_data, rule_pairs, write_jsonl
+from tests.helpers.recipes import write
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -202,8 +207,9 @@ def test_bad_settings_name_their_keys(tiny_llama_dir, tmp_path):
         assert error.value.key == key
 
 
-def trainer(**options) -> pl.Trainer:
+def trainer(root: Path, **options) -> pl.Trainer:
     settings = dict(
+        default_root_dir=root,
         accelerator="cpu",
         devices=1,
         max_steps=2,
@@ -232,7 +238,7 @@ def pairs_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", rule_pairs(16, seed=0))
 
 
-def test_lora_reference_is_the_base_model_and_only_adapters_train(tiny_llama_dir, pairs_file):
+def test_lora_reference_is_the_base_model_and_only_adapters_train(tiny_llama_dir, pairs_file, tmp_path):
     data = pair_data(tiny_llama_dir, pairs_file)
     task = PreferenceTask(str(tiny_llama_dir), strategy="lora", optimizer={"name": "sgd", "lr": 1.0})
     task.configure_model()
@@ -243,7 +249,7 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train(tiny_llama_dir
     for got, want in zip(task.reference_logps(batch), expected):
         torch.testing.assert_close(got, want)
 
-    trainer().fit(task, datamodule=data)  # two SGD steps (lora_B moves first, then lora_A)
+    trainer(tmp_path).fit(task, datamodule=data)  # two SGD steps (lora_B moves first, then lora_A)
 
     changed = {name for name, p in task.named_parameters() if not torch.equal(p, before[name])}
     assert trainable == {name for name in before if "lora_" in name} == changed
@@ -266,7 +272,7 @@ class HeldReference(pl.Callback):
         self.memory = task.memory_rows()
 
 
-def test_full_reference_is_frozen_outside_optimizer_and_checkpoint(tiny_llama_dir, pairs_file):
+def test_full_reference_is_frozen_outside_optimizer_and_checkpoint(tiny_llama_dir, pairs_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     data = pair_data(tiny_llama_dir, pairs_file)
@@ -274,7 +280,7 @@ def test_full_reference_is_frozen_outside_optimizer_and_checkpoint(tiny_llama_di
         str(tiny_llama_dir), strategy="full", reference_dtype="bfloat16", optimizer={"name": "sgd", "lr": 0.5}
     )
     held = HeldReference()
-    trainer(callbacks=[held]).fit(task, datamodule=data)
+    trainer(tmp_path, callbacks=[held]).fit(task, datamodule=data)
 
     start = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
     reference = held.reference.model.state_dict()
@@ -289,11 +295,13 @@ def test_full_reference_is_frozen_outside_optimizer_and_checkpoint(tiny_llama_di
     assert task.reference is None  # let go after fit
 
 
-def test_precomputed_reference_is_the_starting_model_and_the_copy_is_dropped(tiny_llama_dir, pairs_file):
+def test_precomputed_reference_is_the_starting_model_and_the_copy_is_dropped(
+    tiny_llama_dir, pairs_file, tmp_path
+):
     data = pair_data(tiny_llama_dir, pairs_file, val_fraction=0.25)
     task = PreferenceTask(str(tiny_llama_dir), strategy="full", precompute_reference=True)
     held = HeldReference()
-    trainer(callbacks=[held], max_steps=1).fit(task, datamodule=data)
+    trainer(tmp_path, callbacks=[held], max_steps=1).fit(task, datamodule=data)
     assert held.reference is None
     assert held.memory == [("reference model (until its log-probs are precomputed)", held.memory[0][1])]
     for split, dataset in data.datasets.items():
@@ -302,7 +310,7 @@ def test_precomputed_reference_is_the_starting_model_and_the_copy_is_dropped(tin
         torch.testing.assert_close(held.precomputed[split], expected)
 
 
-def test_accumulating_8_single_pairs_equals_one_batch_of_8(tiny_llama_dir, pairs_file):
+def test_accumulating_8_single_pairs_equals_one_batch_of_8(tiny_llama_dir, pairs_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     weights = []
@@ -310,9 +318,90 @@ def test_accumulating_8_single_pairs_equals_one_batch_of_8(tiny_llama_dir, pairs
         pl.seed_everything(0)
         data = pair_data(tiny_llama_dir, pairs_file, batch_size=batch_size, limit=8)
         task = PreferenceTask(str(tiny_llama_dir), strategy="full", optimizer={"name": "sgd", "lr": 1.0})
-        trainer(max_steps=1, accumulate_grad_batches=accumulate).fit(task, datamodule=data)
+        trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate).fit(task, datamodule=data)
         weights.append(dict(task.model.named_parameters()))
     start = dict(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).named_parameters())
     assert any(not torch.allclose(p, start[name]) for name, p in weights[0].items())
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dpo_learns_a_rule_that_held_out_pairs_follow(tiny_llama_dir, tmp_path):
+    # Held-out pairs put the rule's words between fillers that no training pair has.
+    train = write_jsonl(tmp_path / "train.jsonl", rule_pairs(160, seed=1, fillers=FILLER[:4]))
+    val = write_jsonl(tmp_path / "val.jsonl", rule_pairs(40, seed=2, fillers=FILLER[4:]))
+    data = pair_data(tiny_llama_dir, train, val=str(val), batch_size=8)
+    task = PreferenceTask(str(tiny_llama_dir), samples=0, optimizer={"name": "adamw", "lr": 5e-3})
+    run = trainer(tmp_path, max_steps=-1, max_epochs=3, limit_val_batches=None, check_val_every_n_epoch=3)
+    run.validate(task, datamodule=data, verbose=False)
+    assert run.callback_metrics["val/rewards/accuracy"] == 0  # the policy is the reference: no margin yet
+    run.fit(task, datamodule=data)
+    assert run.callback_metrics["val/rewards/accuracy"] > 0.8
+    assert run.callback_metrics["val/rewards/margin"] > 0
+
+
+def cli(recipe: Path, backbone: Path, root: Path, *extra: str) -> Path:
+    """Run a recipe through the CLI on the tiny Llama for one short epoch; return its run folder."""
+    data = RECIPES / "data" / ("instructions.jsonl" if "sft" in recipe.stem else "preferences.jsonl")
+    code = main(
+        [
+            str(recipe),
+            f"--model.init_args.backbone={backbone}",
+            f"--data.init_args.train={data}",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            *extra,
+        ]
+    )
+    assert code == 0
+    return root / recipe.stem / "version_0"
+
+
+@pytest.mark.slow
+def test_dpo_recipe_from_an_sft_run_folder_and_its_adapters_export(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.tasks.sft import causal_lm_backbone
+
+    sft = yaml.safe_load((RECIPES / "qlora-sft.yaml").read_text())
+    sft["model"]["init_args"]["strategy"] = {
+        "class_path": "finetune.strategies.LoRA",
+        "init_args": {"rank": 4},
+    }
+    sft_run = cli(write(sft, tmp_path / "sft.yaml"), tiny_llama_dir, tmp_path)
+
+    run = cli(RECIPES / "dpo-qlora.yaml", sft_run, tmp_path)
+    merged = sft_run / "export-merged"  # the SFT adapters merged into the base: what DPO started from
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["init_args"]["backbone"] == str(sft_run)
+    adapter = json.loads((run / "export" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(merged)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all("lora_" in key for key in state)  # no reference model in the checkpoint
+    metrics = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/loss", "val/rewards/accuracy", "train/rewards/margin", "train/logps/chosen"} <= set(metrics)
+    assert len((run / "samples.jsonl").read_text().splitlines()) == 2
+    # The DPO adapters load with plain peft onto the merged SFT model.
+    ids = torch.tensor([[2, 16, 17, 18]])
+    dpo_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(merged), run / "export")
+    assert dpo_model(input_ids=ids).logits.isfinite().all()
+
+    # The SFT run's adapters export stands for the same model, merged by peft (written afresh here).
+    expected = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
+    shutil.rmtree(merged)
+    assert causal_lm_backbone(str(sft_run / "export")).name == str(merged)
+    got = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_orpo_recipe_end_to_end(tiny_llama_dir, tmp_path):
+    run = cli(RECIPES / "orpo-lora.yaml", tiny_llama_dir, tmp_path)
+    assert (run / "export" / "adapter_config.json").is_file()
+    assert "reference: none (reference-free loss)" in (run / "plan.txt").read_text()
+    assert "reference model" not in (run / "plan.txt").read_text()
