@@ -145,7 +145,7 @@ class Seq2SeqTask(TokenNormalizedLoss, FinetuneTask):
         if self.generate_rows != 0 and not self.trainer.sanity_checking:
             scores = self._generation_scores()
             if scores is not None:
-                for key, value in zip(ROUGE_KEYS, scores):
+                for key, value in zip(ROUGE_KEYS, scores.tolist()):
                     self.log(f"val/{key}", value, prog_bar=key == "rougeL")
 
     def _generation_scores(self) -> torch.Tensor | None:
