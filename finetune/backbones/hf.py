@@ -1,4 +1,5 @@
-"""Hugging Face transformers backbones: text and image classification and causal LMs through the Auto classes."""
+"""Hugging Face transformers backbones: text and image classification, causal and encoder-decoder LMs through the
+Auto classes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import json
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,28 @@ def _reading(source: str, what: str, load: Callable[[], Any]) -> Any:
         raise RecipeError(
             KEY, f"could not load the {what} of {source!r} ({first_line(error)}); {HUB_HINT}"
         ) from error
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """A kind of language model: its transformers Auto class, the name of the mapping of the model types
+    that class loads (``transformers.models.auto.modeling_auto``), and how errors name the kind."""
+
+    auto: str
+    model_types: str
+    what: str
+
+
+LANGUAGE_MODELS = {
+    "causal": LanguageModel(
+        "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "causal language model"
+    ),
+    "seq2seq": LanguageModel(
+        "AutoModelForSeq2SeqLM",
+        "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+        "encoder-decoder language model (such as T5 or BART)",
+    ),
+}
 
 
 class HFLoader:
@@ -117,45 +141,30 @@ class HFLoader:
         return sentence_transformers_pooling(modules or [], read)
 
     def load_causal_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
-        from transformers import AutoModelForCausalLM
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        kinds = (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal language model")
-        return self._load_lm(*kinds, source, backbone, options)
+        return self._load_lm(LANGUAGE_MODELS["causal"], source, backbone, options)
 
     def load_seq2seq_lm(self, source: str, backbone: Backbone, options: Mapping[str, Any]) -> Any:
-        from transformers import AutoModelForSeq2SeqLM
-        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
-
-        kinds = (
-            AutoModelForSeq2SeqLM,
-            MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-            "encoder-decoder language model (such as T5 or BART)",
-        )
-        return self._load_lm(*kinds, source, backbone, options)
+        return self._load_lm(LANGUAGE_MODELS["seq2seq"], source, backbone, options)
 
     def _load_lm(
-        self,
-        auto: Any,
-        model_types: Mapping[str, str],
-        what: str,
-        source: str,
-        backbone: Backbone,
-        options: Mapping[str, Any],
+        self, kind: LanguageModel, source: str, backbone: Backbone, options: Mapping[str, Any]
     ) -> Any:
-        """A language model with its pretrained LM head through ``auto``; RecipeError when the config's
-        model type has no such model (unless the model ships its own code for it, ``auto_map``)."""
+        """A language model with its pretrained LM head; RecipeError when transformers has no model of
+        ``kind`` for the config's model type (and the model ships no code of its own for one)."""
+        import transformers
         from transformers import AutoConfig
+        from transformers.models.auto import modeling_auto
 
         config = _reading(
             source, "config", lambda: AutoConfig.from_pretrained(source, **_hub_kwargs(backbone))
         )
-        own_code = auto.__name__ in (getattr(config, "auto_map", None) or {})
-        if config.model_type not in model_types and not own_code:
+        own_code = kind.auto in (getattr(config, "auto_map", None) or {})
+        if config.model_type not in getattr(modeling_auto, kind.model_types) and not own_code:
             raise RecipeError(
-                KEY, f"{source!r} is a {config.model_type} model; transformers has no {what} of that type"
+                KEY,
+                f"{source!r} is a {config.model_type} model; transformers has no {kind.what} of that type",
             )
-        return self._load(auto, source, config, backbone, options)
+        return self._load(getattr(transformers, kind.auto), source, config, backbone, options)
 
     @staticmethod
     def _load(
