@@ -21,7 +21,7 @@ from finetune.errors import RecipeError, require
 from finetune.strategies import AdapterStrategy, Strategy
 from finetune.tasks.base import Monitor
 from finetune.tasks.loss_terms import StepOutputs
-from finetune.tasks.preference_losses import LOSSES, PairLosses, PreferenceLoss
+from finetune.tasks.preference_losses import LOSSES, PreferenceLoss
 from finetune.tasks.sft import CausalLMTask
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,11 @@ class PreferenceTask(CausalLMTask):
 
     The reference model (``dpo``, ``ipo``; ``simpo`` and ``orpo`` load none) is the starting model, never a
     second copy under adapters: under ``lora``/``qlora`` it is the same model with its adapters disabled
-    (under ``no_grad``); under ``full``/``partial`` a frozen copy of the model as built, in
-    ``reference_dtype`` when given, outside the optimizer, the checkpoints and the task's parameters. With
-    ``precompute_reference`` the reference's log-probs of every train and val pair are computed once when
-    fitting starts (again on resume) and the copy is then dropped. The reference forward runs in eval mode.
+    (under ``no_grad``); under ``full``/``partial`` a frozen copy of the model as a trainer's ``fit`` or
+    ``validate`` builds it (before a checkpoint's weights are restored), in ``reference_dtype`` when given,
+    outside the optimizer, the checkpoints and the task's parameters. With ``precompute_reference`` the
+    reference's log-probs of every train and val pair are computed once when fitting starts (again on
+    resume) and the copy is then dropped. The reference forward runs in eval mode.
     ``memory_rows()`` gives the copy's bytes to the run plan.
 
     Logged per training step (``train/``) and per validation epoch (``val/``, means over pairs): ``loss``,
@@ -189,29 +190,35 @@ class PreferenceTask(CausalLMTask):
             for module in self.model.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
-        if self.reference_kind == "copy" and self._fitting():
+        if self.reference_kind == "copy" and self._running("fit", "validate"):
             # Built before a resumed run's weights are restored: the copy is the starting model.
             dtype = DTYPES[self.reference_dtype] if self.reference_dtype else None
             self.reference = FrozenReference.of(self.model, dtype)
 
-    def _fitting(self) -> bool:
-        from lightning.pytorch.trainer.states import TrainerFn
-
-        return self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+    def _running(self, *stages: str) -> bool:
+        """Whether a trainer runs this task for one of ``stages`` (``fit``, ``validate`` ...)."""
+        return self._trainer is not None and self.trainer.state.fn in stages
 
     @override
     def on_fit_start(self) -> None:
-        if self.reference is not None:
-            self.reference.model.to(self.device)
+        self._place_reference()
         if self.precompute_reference:
             self.precomputed = self._precompute()
             self.reference = None  # its log-probs are all in the table now
 
     @override
+    def on_validation_start(self) -> None:
+        self._place_reference()
+
+    def _place_reference(self) -> None:
+        if self.reference is not None:
+            self.reference.model.to(self.device)
+
+    @override
     def teardown(self, stage: str) -> None:
         super().teardown(stage)
         if stage == "fit":
-            self.reference, self.precomputed = None, {}
+            self.precomputed = {}  # by row of this fit's data; the copy stays for later validation
 
     @override
     def memory_rows(self) -> list[tuple[str, int]]:
@@ -254,7 +261,11 @@ class PreferenceTask(CausalLMTask):
         elif self.reference is not None:
             logits = self.reference.model(**inputs, use_cache=False).logits
         else:
-            raise RuntimeError("PreferenceTask: no reference model outside fit")
+            raise RecipeError(
+                "model.precompute_reference",
+                "the reference copy exists only under a trainer's fit or validate, and is dropped once "
+                "precomputed: validate within fit, or set precompute_reference false to validate on its own",
+            )
         return self.pair_logps(logits, batch["labels"])
 
     def _reference(self, batch: Mapping[str, torch.Tensor], split: str) -> tuple[torch.Tensor, ...]:
@@ -291,9 +302,9 @@ class PreferenceTask(CausalLMTask):
 
     def pair_losses(
         self, batch: Mapping[str, torch.Tensor], split: str
-    ) -> tuple[torch.Tensor, PairLosses, dict]:
-        """The logits of one forward pass over the batch's pairs, the loss's ``PairLosses``, and the metrics
-        logged (means over the pairs)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The logits of one forward pass over the batch's pairs, and the metrics logged (means over the
+        pairs; ``loss`` is the training loss)."""
         logits = self(batch)
         chosen, rejected = self.pair_logps(logits, batch["labels"])
         pairs = self.loss_spec.function(chosen, rejected, *self._reference(batch, split), **self.hyper)
@@ -306,11 +317,11 @@ class PreferenceTask(CausalLMTask):
             "logps/chosen": chosen.detach().mean(),
             "logps/rejected": rejected.detach().mean(),
         }
-        return logits, pairs, metrics
+        return logits, metrics
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits, _, metrics = self.pair_losses(batch, "train")
+        logits, metrics = self.pair_losses(batch, "train")
         pairs = len(batch[INDEX])
         loss = metrics.pop("loss")
         self.log_dict({f"train/{name}": value.detach() for name, value in metrics.items()}, batch_size=pairs)
@@ -318,7 +329,7 @@ class PreferenceTask(CausalLMTask):
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        _, _, metrics = self.pair_losses(batch, "val")
+        _, metrics = self.pair_losses(batch, "val")
         shown = {"loss", "rewards/accuracy"}
         for name, value in metrics.items():
             self.log(

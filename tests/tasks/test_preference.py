@@ -292,7 +292,7 @@ def test_full_reference_is_frozen_outside_optimizer_and_checkpoint(tiny_llama_di
     assert sum(p.numel() for p in task.parameters()) == sum(p.numel() for p in task.model.parameters())
     size = sum(t.numel() * 2 for t in [*held.reference.model.parameters(), *held.reference.model.buffers()])
     assert held.memory == [("reference model (frozen, on every device)", size)]
-    assert task.reference is None  # let go after fit
+    assert task.reference is held.reference  # kept for validating after fit
 
 
 def test_precomputed_reference_is_the_starting_model_and_the_copy_is_dropped(
