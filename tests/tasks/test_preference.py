@@ -162,6 +162,38 @@ def test_pair_formats_tokenise_alike_and_truncation_keeps_the_boundary(tiny_llam
     assert data.tokenizer.convert_ids_to_tokens(row["rejected_input_ids"]) == [*prompt, "bad", "</s>"]
 
 
+def test_chat_template_trains_on_the_final_reply_only(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "chat-llama")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}### {{ m['role'] }} {{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %} {% endfor %}"
+        "{% if add_generation_prompt %}### assistant {% endif %}"
+    )
+    tok.save_pretrained(model_dir)
+    history = [
+        {"role": "user", "content": "say hello"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "count"},
+    ]
+    rows = [
+        {"prompt": history, "chosen": "one two", "rejected": "bad"},
+        {"prompt": "count", "chosen": "one", "rejected": "one"},  # equal responses are allowed
+    ]
+    data = pair_data(model_dir, write_jsonl(tmp_path / "chat.jsonl", rows))
+    row = data.datasets["train"].tokens[0]
+    for side, reply in (("chosen", ["one", "two", "</s>"]), ("rejected", ["bad", "</s>"])):
+        words = tok.convert_ids_to_tokens(row[f"{side}_input_ids"])
+        trained = [w for w, label in zip(words, row[f"{side}_labels"]) if label != IGNORE]
+        assert trained == reply, side  # the earlier assistant turn "hello" is prompt
+        prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        assert row[f"{side}_input_ids"][: -len(reply)] == tok(prompt, add_special_tokens=False)["input_ids"]
+    second = data.datasets["train"].tokens[1]
+    assert second["chosen_input_ids"] == second["rejected_input_ids"]
+
+
 @pytest.mark.parametrize(
     ("row", "message"),
     [
