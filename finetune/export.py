@@ -75,6 +75,3 @@ def export_language_model(task: FinetuneTask, directory: Path, merge: bool = Fal
 
     return write_atomically(directory, write)
 
-
-# The name SFTTask imports; nothing here is specific to causal LMs.
-export_causal_lm = export_language_model

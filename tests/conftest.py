@@ -95,3 +95,11 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     """
     directory = tmp_path_factory.mktemp("tiny-llama")
     return save_llama(directory, make_lm_tokenizer(directory), hidden=64, layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A 2+2-block, 32-wide random T5 with a word-level tokenizer (``</s>`` appended, decoder starts at pad)."""
+    from tests.helpers.seq2seq import save_tiny_t5
+
+    return save_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))

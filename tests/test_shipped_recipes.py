@@ -31,11 +31,11 @@ BUILDABLE = [path for path in RECIPES if not distils(yaml.safe_load(path.read_te
 @pytest.mark.slow
 @pytest.mark.parametrize("path", BUILDABLE, ids=lambda p: p.name)
 def test_recipe_parses_and_builds_model_data_and_optimizer(
-    path, tiny_bert_dir, tiny_llama_dir, image_folder, monkeypatch
+    path, tiny_bert_dir, tiny_llama_dir, tiny_t5_dir, image_folder, monkeypatch
 ):
     from finetune.cli import main
 
     recipe = yaml.safe_load(path.read_text())
-    tiny = {"bert": tiny_bert_dir, "llama": tiny_llama_dir, "images": image_folder}
+    tiny = {"bert": tiny_bert_dir, "llama": tiny_llama_dir, "t5": tiny_t5_dir, "images": image_folder}
     monkeypatch.chdir(REPOSITORY)  # recipes name their data relative to the repository
     assert main(["plan", str(path), *offline_overrides(recipe, tiny)]) == 0

@@ -295,6 +295,8 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
     from finetune.data import (  # noqa: F401  (registers subclasses for short class names)
         ImageClassificationData,
         InstructionData,
+        PreferenceData,
+        Seq2SeqData,
         TextClassificationData,
         TokenTaggingData,
     )
@@ -302,7 +304,9 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
     from finetune.tasks import (  # noqa: F401  (registers subclasses for short class names)
         ClassificationTask,
         MultiLabelClassificationTask,
+        PreferenceTask,
         RegressionTask,
+        Seq2SeqTask,
         SFTTask,
         TokenClassificationTask,
     )

@@ -3,7 +3,9 @@
 from finetune.tasks.base import FinetuneTask
 from finetune.tasks.classification import ClassificationTask
 from finetune.tasks.multilabel import MultiLabelClassificationTask
+from finetune.tasks.preference import PreferenceTask
 from finetune.tasks.regression import RegressionTask
+from finetune.tasks.seq2seq import Seq2SeqTask
 from finetune.tasks.sft import SFTTask
 from finetune.tasks.token_classification import TokenClassificationTask
 
@@ -11,7 +13,9 @@ __all__ = [
     "ClassificationTask",
     "FinetuneTask",
     "MultiLabelClassificationTask",
+    "PreferenceTask",
     "RegressionTask",
+    "Seq2SeqTask",
     "SFTTask",
     "TokenClassificationTask",
 ]

@@ -21,7 +21,7 @@ from finetune.backbones import Backbone
 from finetune.backbones.base import KEY as BACKBONE_KEY
 from finetune.backbones.layout import Layout, discover_layout
 from finetune.errors import RecipeError
-from finetune.export import export_causal_lm
+from finetune.export import export_language_model
 from finetune.optim import TokenNormalizedLoss
 from finetune.paths import is_local_path, resolve_path
 from finetune.strategies import Strategy
@@ -131,7 +131,7 @@ class CausalLMTask(FinetuneTask):
 
     def export(self, directory: Path, merge: bool = False) -> Path:
         """A Hugging Face folder (safetensors) with the tokenizer; adapters alone unless ``merge``."""
-        return export_causal_lm(self, directory, merge)
+        return export_language_model(self, directory, merge)
 
 
 class SFTTask(TokenNormalizedLoss, CausalLMTask):

@@ -94,8 +94,9 @@ def offline_overrides(recipe: dict, tiny: dict[str, Path]) -> list[str]:
             f'--model.init_args.backbone={{"name": "{name}", "pretrained": false, "checkpoint": null}}'
         )
     elif name.startswith("hf:"):
-        causal = recipe["model"]["class_path"].endswith("SFTTask")
-        overrides.append(f"--model.init_args.backbone={tiny['llama' if causal else 'bert']}")
+        task = recipe["model"]["class_path"].rpartition(".")[2]
+        kind = {"SFTTask": "llama", "PreferenceTask": "llama", "Seq2SeqTask": "t5"}.get(task, "bert")
+        overrides.append(f"--model.init_args.backbone={tiny[kind]}")
     data = recipe["data"]
     if (
         data["class_path"].endswith("ImageClassificationData")

@@ -26,11 +26,6 @@ RECIPE = REPOSITORY / "recipes" / "flan-t5-summarise-lora.yaml"
 
 
 @pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory) -> Path:
-    return save_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
-
-
-@pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     """Targets of 1 to 5 words (the source's first ones): target lengths differ from row to row."""
     rows = summary_rows(16, seed=3)
@@ -39,8 +34,8 @@ def pairs(tmp_path_factory) -> Path:
     return write_jsonl(rows, tmp_path_factory.mktemp("pairs") / "pairs.jsonl")
 
 
-def data(t5_dir: Path, train: Path, **kwargs) -> Seq2SeqData:
-    return Seq2SeqData(train=str(train), val=str(train), backbone=str(t5_dir), **kwargs)
+def data(tiny_t5_dir: Path, train: Path, **kwargs) -> Seq2SeqData:
+    return Seq2SeqData(train=str(train), val=str(train), backbone=str(tiny_t5_dir), **kwargs)
 
 
 def batch_of(data: Seq2SeqData, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -60,8 +55,8 @@ def one_step(task: Seq2SeqTask, batch) -> tuple[set[str], set[str]]:
     return changed, {n for n, p in task.named_parameters() if p.requires_grad}
 
 
-def test_batches_pad_targets_with_minus_100_and_padding_changes_no_loss(t5_dir, pairs):
-    pairs_data = data(t5_dir, pairs, source_prefix="summarize: ")
+def test_batches_pad_targets_with_minus_100_and_padding_changes_no_loss(tiny_t5_dir, pairs):
+    pairs_data = data(tiny_t5_dir, pairs, source_prefix="summarize: ")
     tokenizer = pairs_data.tokenizer
     batch = batch_of(pairs_data, [0, 4])  # targets of 1 and 5 words
     first, fifth = (json.loads(line) for line in pairs.read_text().splitlines()[0:5:4])
@@ -72,7 +67,7 @@ def test_batches_pad_targets_with_minus_100_and_padding_changes_no_loss(t5_dir, 
     shown = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0] == 1])
     assert shown == f"summarize: {first['source']} </s>"
 
-    task = Seq2SeqTask(str(t5_dir), strategy="full").eval()
+    task = Seq2SeqTask(str(tiny_t5_dir), strategy="full").eval()
     task.configure_model()
     with torch.no_grad():
         together, tokens = task.token_losses(batch)
@@ -84,7 +79,7 @@ def test_batches_pad_targets_with_minus_100_and_padding_changes_no_loss(t5_dir, 
     torch.testing.assert_close(widened, together)
 
 
-def test_layout_reads_encoder_then_decoder_blocks_for_partial_and_layer_decay(t5_dir, tmp_path):
+def test_layout_reads_encoder_then_decoder_blocks_for_partial_and_layer_decay(tiny_t5_dir, tmp_path):
     from finetune.optim import OptimizerConfig
     from finetune.optim.groups import param_groups
 
@@ -93,7 +88,7 @@ def test_layout_reads_encoder_then_decoder_blocks_for_partial_and_layer_decay(t5
     assert bart.layout.blocks == tuple(
         (f"model.{stack}.layers.{i}",) for stack in ("encoder", "decoder") for i in (0, 1)
     )
-    task = Seq2SeqTask(str(t5_dir), strategy=Partial(last_blocks=1))
+    task = Seq2SeqTask(str(tiny_t5_dir), strategy=Partial(last_blocks=1))
     task.configure_model()
     blocks = tuple((f"{stack}.block.{i}",) for stack in ("encoder", "decoder") for i in (0, 1))
     assert task.layout.blocks == blocks and task.layout.head == ("lm_head",)
@@ -104,7 +99,7 @@ def test_layout_reads_encoder_then_decoder_blocks_for_partial_and_layer_decay(t5
     top = ("decoder.block.1.", "decoder.final_layer_norm.", "shared.weight")
     assert trainable == {n for n in names if n.startswith(top)}
 
-    full = Seq2SeqTask(str(t5_dir), strategy="full")
+    full = Seq2SeqTask(str(tiny_t5_dir), strategy="full")
     full.configure_model()
     groups = param_groups(full.model, full.layout, OptimizerConfig(lr=1.0, layer_decay=0.5))
     lr = {name: group["lr"] for group in groups for name in group["names"]}
@@ -112,9 +107,9 @@ def test_layout_reads_encoder_then_decoder_blocks_for_partial_and_layer_decay(t5
     assert [lr[f"{b[0]}.layer.0.SelfAttention.q.weight"] for b in blocks] == [0.5**4, 0.5**3, 0.5**2, 0.5]
 
 
-def test_lora_on_q_and_v_trains_the_adapters_alone(t5_dir, pairs):
-    task = Seq2SeqTask(str(t5_dir), strategy=LoRA(rank=2, target_modules=["q", "v"]))
-    changed, trainable = one_step(task, batch_of(data(t5_dir, pairs), [0, 1, 2]))
+def test_lora_on_q_and_v_trains_the_adapters_alone(tiny_t5_dir, pairs):
+    task = Seq2SeqTask(str(tiny_t5_dir), strategy=LoRA(rank=2, target_modules=["q", "v"]))
+    changed, trainable = one_step(task, batch_of(data(tiny_t5_dir, pairs), [0, 1, 2]))
     targets = adapter_targets(task.model)
     # Encoder self-attention, decoder self- and cross-attention, in each of the 2 blocks: q and v.
     assert len(targets) == 12 and {t.rpartition(".")[2] for t in targets} == {"q", "v"}
@@ -125,14 +120,14 @@ def test_lora_on_q_and_v_trains_the_adapters_alone(t5_dir, pairs):
     assert {n for n in adapters if "lora_B" in n} <= changed  # B starts at 0: A gets no gradient yet
 
 
-def test_all_linear_leaves_lm_head_out_and_full_trains_everything(t5_dir, pairs):
-    batch = batch_of(data(t5_dir, pairs), [0, 1, 2])
-    task = Seq2SeqTask(str(t5_dir), strategy=LoRA(rank=2, target_modules="all-linear"))
+def test_all_linear_leaves_lm_head_out_and_full_trains_everything(tiny_t5_dir, pairs):
+    batch = batch_of(data(tiny_t5_dir, pairs), [0, 1, 2])
+    task = Seq2SeqTask(str(tiny_t5_dir), strategy=LoRA(rank=2, target_modules="all-linear"))
     task.configure_model()
     targets = adapter_targets(task.model)
     # Per block: q, k, v, o and wi_0, wi_1, wo; a decoder block adds cross-attention's q, k, v, o.
     assert len(targets) == 2 * 7 + 2 * 11 and not any("lm_head" in t for t in targets)
-    full = Seq2SeqTask(str(t5_dir), strategy="full")
+    full = Seq2SeqTask(str(tiny_t5_dir), strategy="full")
     changed, trainable = one_step(full, batch)
     assert changed == trainable == {n for n, _ in full.named_parameters()}
 
@@ -161,8 +156,8 @@ class Grads(pl.Callback):
         self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
 
 
-def test_batch_1_times_accumulation_4_equals_batch_4(t5_dir, pairs):
-    dataset = data(t5_dir, pairs).datasets["train"]
+def test_batch_1_times_accumulation_4_equals_batch_4(tiny_t5_dir, pairs):
+    dataset = data(tiny_t5_dir, pairs).datasets["train"]
     assert len({len(dataset[i]["labels"]) for i in range(4)}) == 4  # 4 different target lengths
 
     def grads(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
@@ -177,7 +172,7 @@ def test_batch_1_times_accumulation_4_equals_batch_4(t5_dir, pairs):
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(Seq2SeqTask(str(t5_dir), strategy="full"), loader)
+        trainer.fit(Seq2SeqTask(str(tiny_t5_dir), strategy="full"), loader)
         return probe.grads
 
     big, small = grads(4, 1), grads(1, 4)
@@ -210,16 +205,16 @@ def rouge_by_hand(generation: str, reference: str) -> tuple[float, float, float]
 
 
 @pytest.mark.slow
-def test_each_epochs_rouge_is_that_of_its_samples_and_a_tiny_t5_learns_the_rule(t5_dir, tmp_path):
+def test_each_epochs_rouge_is_that_of_its_samples_and_a_tiny_t5_learns_the_rule(tiny_t5_dir, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     train = write_jsonl(summary_rows(256, seed=1), tmp_path / "train.jsonl")
     val = write_jsonl(summary_rows(24, seed=2), tmp_path / "val.jsonl")
     task = Seq2SeqTask(
-        str(t5_dir), strategy="full", generate_rows=None, max_new_tokens=6, optimizer={"lr": 1e-2}
+        str(tiny_t5_dir), strategy="full", generate_rows=None, max_new_tokens=6, optimizer={"lr": 1e-2}
     )
     summaries = Seq2SeqData(
-        train=str(train), val=str(val), source_prefix="summarize: ", batch_size=16, backbone=str(t5_dir)
+        train=str(train), val=str(val), source_prefix="summarize: ", batch_size=16, backbone=str(tiny_t5_dir)
     )
     trainer = pl.Trainer(
         max_epochs=4,
@@ -263,13 +258,13 @@ def trained(task: Seq2SeqTask) -> Seq2SeqTask:
     return task.eval()
 
 
-def test_adapter_and_merged_exports_reload_with_plain_transformers_and_peft(t5_dir, pairs, tmp_path):
+def test_adapter_and_merged_exports_reload_with_plain_transformers_and_peft(tiny_t5_dir, pairs, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    task = trained(Seq2SeqTask(str(t5_dir), strategy=LoRA(rank=2, target_modules=["q", "v"])))
-    batch = batch_of(data(t5_dir, pairs), [0, 1, 4])
+    task = trained(Seq2SeqTask(str(tiny_t5_dir), strategy=LoRA(rank=2, target_modules=["q", "v"])))
+    batch = batch_of(data(tiny_t5_dir, pairs), [0, 1, 4])
     with torch.no_grad():
         expected = task(batch)
     inputs = {
@@ -280,7 +275,7 @@ def test_adapter_and_merged_exports_reload_with_plain_transformers_and_peft(t5_d
 
     adapter = task.export(tmp_path / "adapter")
     assert not (adapter / "model.safetensors").exists()
-    base = AutoModelForSeq2SeqLM.from_pretrained(t5_dir)
+    base = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir)
     with torch.no_grad():
         reloaded = PeftModel.from_pretrained(base, adapter).eval()(**inputs).logits
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
@@ -295,7 +290,7 @@ def test_adapter_and_merged_exports_reload_with_plain_transformers_and_peft(t5_d
 
 
 @pytest.mark.slow
-def test_shipped_recipe_end_to_end_through_the_cli_with_a_tiny_t5(t5_dir, tmp_path):
+def test_shipped_recipe_end_to_end_through_the_cli_with_a_tiny_t5(tiny_t5_dir, tmp_path):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from finetune.cli import main
@@ -303,7 +298,7 @@ def test_shipped_recipe_end_to_end_through_the_cli_with_a_tiny_t5(t5_dir, tmp_pa
     code = main(
         [
             str(RECIPE),
-            f"--model.init_args.backbone={t5_dir}",
+            f"--model.init_args.backbone={tiny_t5_dir}",
             f"--data.init_args.train={REPOSITORY / 'recipes' / 'data' / 'summaries.jsonl'}",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.max_epochs=1",
@@ -328,19 +323,19 @@ def test_shipped_recipe_end_to_end_through_the_cli_with_a_tiny_t5(t5_dir, tmp_pa
     assert model.generate(**prompt, max_new_tokens=3, do_sample=False).shape[1] > 1
 
 
-def test_bad_inputs_name_their_recipe_key(t5_dir, pairs, tiny_bert_dir, tmp_path):
+def test_bad_inputs_name_their_recipe_key(tiny_t5_dir, pairs, tiny_bert_dir, tmp_path):
     with pytest.raises(RecipeError, match="^data.target_column: column 'summary' not in pairs.jsonl"):
-        data(t5_dir, pairs, target_column="summary").datasets  # noqa: B018
+        data(tiny_t5_dir, pairs, target_column="summary").datasets  # noqa: B018
     with pytest.raises(RecipeError, match="^data.target_column: 'source' is also the source column"):
-        data(t5_dir, pairs, target_column="source")
+        data(tiny_t5_dir, pairs, target_column="source")
     with pytest.raises(RecipeError, match="^data.max_target_length: must be 2 or more"):
-        data(t5_dir, pairs, max_target_length=1)
+        data(tiny_t5_dir, pairs, max_target_length=1)
     holes = tmp_path / "holes.csv"
     holes.write_text("source,target\nred cat,red\nblue dog,\n")
     with pytest.raises(RecipeError, match="^data.train: 1 rows of holes.csv have no 'target'"):
-        data(t5_dir, holes).datasets  # noqa: B018
+        data(tiny_t5_dir, holes).datasets  # noqa: B018
     with pytest.raises(RecipeError, match="^model.generate_rows: must be 0 or more"):
-        Seq2SeqTask(str(t5_dir), generate_rows=-1)
+        Seq2SeqTask(str(tiny_t5_dir), generate_rows=-1)
     with pytest.raises(
         RecipeError,
         match="^model.backbone: .* is a bert model; transformers has no encoder-decoder language model",
