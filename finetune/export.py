@@ -1,4 +1,5 @@
-"""Write a fine-tuned model in its family's native format (or its adapters in peft's), loadable without ``finetune``."""
+"""Write a fine-tuned model in its family's native format (or its adapters in peft's), loadable without
+``finetune``; push an export folder to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune.errors import RecipeError, first_line, require
+
 if TYPE_CHECKING:
     from finetune.tasks import FinetuneTask
+
+PUSH_KEY = "--push-to-hub"
 
 
 def write_atomically(directory: Path, write: Any) -> Path:
@@ -75,3 +80,34 @@ def export_language_model(task: FinetuneTask, directory: Path, merge: bool = Fal
 
     return write_atomically(directory, write)
 
+
+
+def hub_client() -> Any:
+    """A ``huggingface_hub.HfApi`` that can push; RecipeError (``--push-to-hub``) when the Hub is switched
+    off (``HF_HUB_OFFLINE``) or no token is found (``hf auth login``, or ``HF_TOKEN``)."""
+    import huggingface_hub
+
+    require(
+        not huggingface_hub.is_offline_mode(),
+        PUSH_KEY,
+        "the Hugging Face Hub is offline here (HF_HUB_OFFLINE is set); unset it to push",
+    )
+    token = huggingface_hub.get_token()
+    require(bool(token), PUSH_KEY, "not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN")
+    return huggingface_hub.HfApi(token=token)
+
+
+def push_folder(api: Any, folder: Path, repo_id: str) -> str:
+    """Create the model repository ``repo_id`` unless it exists and upload ``folder`` (model, card, plots)
+    to it with ``api`` (``hub_client()``); return the commit's URL."""
+    try:
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message=f"Upload {Path(folder).name} with finetune",
+        )
+    except Exception as error:  # whatever the Hub or the network raises (a bad id, 401, no route): one line
+        raise RecipeError(PUSH_KEY, f"pushing to {repo_id} failed: {first_line(error)}") from error
+    return str(getattr(commit, "commit_url", repo_id))

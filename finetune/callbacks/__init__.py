@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from finetune.callbacks.preemption import Preemption
     from finetune.callbacks.report import MetricsReport, ParameterReport
     from finetune.callbacks.rng import RestoreRNG
+    from finetune.callbacks.run_report import RunReport
     from finetune.callbacks.unfreeze import GradualUnfreezing
     from finetune.distill import Distillation, FeatureMatch
 
@@ -34,6 +35,7 @@ _HOMES = {
     "Preemption": "finetune.callbacks.preemption",
     "StopOnNonFinite": "finetune.callbacks.nonfinite",
     "RestoreRNG": "finetune.callbacks.rng",
+    "RunReport": "finetune.callbacks.run_report",
     "ScheduledAccumulation": "finetune.callbacks.accumulation",
 }
 
@@ -48,6 +50,7 @@ __all__ = [
     "Preemption",
     "PredictionWriter",
     "RestoreRNG",
+    "RunReport",
     "ScheduledAccumulation",
     "StopOnNonFinite",
 ]

@@ -12,6 +12,7 @@ from typing_extensions import override
 from finetune import runs
 from finetune.errors import RecipeError
 from finetune.parallel.placement import is_sharded
+from finetune.report.card import write_card
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 class ExportModel(pl.Callback):
     """At the end of ``fit``, loads the best checkpoint's weights (when a monitored checkpoint exists) and
     calls ``pl_module.export(<run>/export)``, which writes a model that loads without ``finetune``.
+
+    A finetune task's export gets a model card (``README.md``, ``finetune.report.card``) from the run folder.
 
     Contract: the module implements ``load_weights(state_dict)`` and ``export(directory: Path) -> Path``
     (every ``finetune`` task does; adapter runs export the adapters alone, see ``python -m finetune export``).
@@ -55,6 +58,7 @@ class ExportModel(pl.Callback):
             log.info("Loaded the best checkpoint %s for export", best)
         if trainer.is_global_zero:
             directory = pl_module.export(runs.run_dir(trainer) / self.dirname)
+            write_export_card(trainer, pl_module, directory)
             log.info("Exported the model to %s", directory)
         trainer.strategy.barrier("export")
 
@@ -79,5 +83,19 @@ class ExportModel(pl.Callback):
         if trainer.is_global_zero:
             task = runs.load_checkpoint(path, type(pl_module))
             directory = task.export(runs.run_dir(trainer) / self.dirname)
+            write_export_card(trainer, task, directory)
             log.info("Exported the model of %s to %s", path, directory)
         trainer.strategy.barrier("export")
+
+
+def write_export_card(trainer: pl.Trainer, task: pl.LightningModule, directory: Path) -> Path | None:
+    """Write the model card of export ``directory`` from a finetune ``task`` and the trainer's run folder,
+    after the loggers write out what they hold (the CSV logger writes ``metrics.csv`` in batches). Another
+    module's export gets none (a card describes a finetune task: its backbone, strategy and metric)."""
+    from finetune.tasks import FinetuneTask
+
+    if not isinstance(task, FinetuneTask):
+        return None
+    for logger in trainer.loggers:
+        logger.save()
+    return write_card(task, runs.run_dir(trainer), directory)
