@@ -87,10 +87,11 @@ class RunReport(pl.Callback):
     @staticmethod
     def _write_predictions(trainer: pl.Trainer, pl_module: pl.LightningModule, run: Path) -> None:
         data = trainer.datamodule
-        if data is None or not is_overridden("val_dataloader", data):
-            log.info("No validation data to draw the classifier's predictions from")
+        loader = data.val_dataloader() if data is not None and is_overridden("val_dataloader", data) else []
+        if isinstance(loader, (list, tuple)):  # none (finetune's data without a validation split) or several
+            log.info("No single validation split to draw the classifier's predictions from")
             return
-        predict_rows(trainer, pl_module, data.val_dataloader()).to_csv(run / VAL_PREDICTIONS, index=False)
+        predict_rows(trainer, pl_module, loader).to_csv(run / VAL_PREDICTIONS, index=False)
 
 
 def _export_folder(trainer: pl.Trainer, run: Path) -> Path | None:

@@ -61,6 +61,8 @@ def front_matter(
     pipeline = pipeline_tag(task)
     datasets = dataset_ids(recipe)
     data_name = datasets[0] if datasets else _data_file_name(recipe)
+    # model-index needs a task type and a dataset name: without them the Hub rejects the card.
+    known = pipeline is not None and data_name is not None
     results = [
         EvalResult(
             task_type=pipeline,
@@ -72,10 +74,8 @@ def front_matter(
             metric_value=round(value, 6),
         )
         for key, value in metrics.items()
-        if key.partition("/")[0] in SPLITS
+        if known and key.partition("/")[0] in SPLITS
     ]
-    # model-index needs a task type and a dataset name: without them the Hub rejects the card.
-    results = results if pipeline and data_name else []
     card = ModelCardData(
         base_model=base_model_id(task.backbone),
         library_name=library_name(task, export),
@@ -138,8 +138,9 @@ def dataset_ids(recipe: dict[str, Any]) -> list[str]:
 
 
 def _data_file_name(recipe: dict[str, Any]) -> str | None:
-    train = _data_arguments(recipe).get("train")
-    return Path(train).name if isinstance(train, str) else None
+    arguments = _data_arguments(recipe)
+    source = arguments.get("train") or arguments.get("dataset")  # a file, or a local dataset folder
+    return Path(source).name if isinstance(source, str) else None
 
 
 def _data_arguments(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +180,9 @@ def _training_section(task: FinetuneTask, export: Path) -> str:
     total = sum(p.numel() for p in parameters)
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
     if (export / ADAPTER_CONFIG).is_file():
-        written = "the adapters alone, in peft's format (load the base model, then `PeftModel.from_pretrained`)"
+        written = (
+            "the adapters alone, in peft's format (load the base model, then `PeftModel.from_pretrained`)"
+        )
     elif isinstance(task.strategy, AdapterStrategy):
         written = "the adapters merged into plain weights (no peft needed)"
     else:

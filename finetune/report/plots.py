@@ -85,7 +85,7 @@ def curve_figures(frame: pd.DataFrame) -> dict[str, Figure]:
             marker = "o" if len(curve.steps) <= MARKED else None
             axes.plot(curve.steps, curve.values, marker=marker, markersize=3, label=curve.column)
         axes.set(xlabel="step", ylabel=name, title=name)
-        axes.legend(loc="upper left")
+        axes.legend(loc="best")
         if name == "loss" and rates:
             twin = axes.twinx()
             for curve in rates:

@@ -4,6 +4,7 @@ and the plots; ``export --push-to-hub`` uploads the folder, and ends in one line
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 
 from finetune.backbones import Backbone
 from finetune.cli import main
-from finetune.report.card import base_model_id
+from finetune.report.card import base_model_id, dataset_ids
 from finetune.report.metrics import read_metrics
 from tests.helpers.recipes import image_recipe, text_recipe
 from tests.report.fits import fit
@@ -76,7 +77,8 @@ def test_adapter_and_merged_exports_carry_cards(lora_run):
     meta, body = read_card(lora_run / "export")
     assert (meta["library_name"], meta["pipeline_tag"]) == ("peft", "text-classification")
     assert "- strategy: `lora`" in body and "the adapters alone" in body
-    trainable, total = (int(n.replace(",", "")) for n in body.split("trainable parameters: ")[1].split(" (")[0].split(" of "))
+    counted = re.search(r"trainable parameters: ([\d,]+) of ([\d,]+)", body)
+    trainable, total = (int(n.replace(",", "")) for n in counted.groups())
     assert 0 < trainable < total
 
     assert main(["export", str(lora_run), "--merge"]) == 0
@@ -105,6 +107,12 @@ def test_base_model_is_a_hub_id_or_absent(tmp_path):
     assert base_model_id(Backbone("timm:test_vit", checkpoint=str(tmp_path / "w.safetensors"))) is None
     assert base_model_id(Backbone(str(tmp_path))) is None
     assert base_model_id(Backbone(f"hf:{tmp_path}")) is None
+
+
+def test_datasets_are_named_when_the_recipe_read_a_hub_dataset(tmp_path):
+    assert dataset_ids({"data": {"init_args": {"dataset": "stanfordnlp/imdb"}}}) == ["stanfordnlp/imdb"]
+    assert dataset_ids({"data": {"init_args": {"dataset": str(tmp_path)}}}) == []  # a local folder
+    assert dataset_ids({"data": {"init_args": {"train": "reviews.csv"}}}) == []
 
 
 def test_push_to_hub_offline_is_one_line(lora_run, capsys):
@@ -147,9 +155,8 @@ def online(monkeypatch, token: str | None) -> list[tuple]:
 def test_push_to_hub_logged_out_is_one_line(lora_run, monkeypatch, capsys):
     calls = online(monkeypatch, token=None)
     assert main(["export", str(lora_run), "--push-to-hub", REPO]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        "finetune: error: --push-to-hub: not logged in to the Hugging Face Hub"
-    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("finetune: error: --push-to-hub: not logged in to the Hugging Face Hub")
     assert calls == []
 
 

@@ -90,13 +90,20 @@ def test_the_confusion_matrix_is_the_validation_predictions_counted_by_hand(repo
     assert [t.get_text() for t in axes.get_xticklabels()] == labels
     assert [t.get_text() for t in axes.get_yticklabels()] == labels
     assert (axes.get_xlabel(), axes.get_ylabel()) == ("predicted", "true")
-    # The exported (best) checkpoint's predictions: its macro accuracy is the mean of the diagonal.
+    # The exported (best) checkpoint's predictions: their macro F1 is the one logged for its epoch.
+    counts = pd.crosstab(rows["target"], rows["prediction"]).reindex(
+        index=labels, columns=labels, fill_value=0
+    )
+    hits = np.diag(counts.to_numpy())
+    f1 = 2 * hits / (counts.sum(axis=0).to_numpy() + counts.sum(axis=1).to_numpy())
     best = exported_metrics(read_metrics(report_run), ClassificationTask.monitor)
-    assert np.diag(expected).mean() == pytest.approx(best["val/acc"], abs=1e-6)
+    assert f1.mean() == pytest.approx(best["val/f1"], abs=1e-6)
 
 
 def test_confusion_matrix_rows_are_shares_of_each_true_class():
-    rows = pd.DataFrame({"target": ["a", "a", "a", "b", "c", "c"], "prediction": ["a", "b", "b", "b", "a", "c"]})
+    rows = pd.DataFrame(
+        {"target": ["a", "a", "a", "b", "c", "c"], "prediction": ["a", "b", "b", "b", "a", "c"]}
+    )
     np.testing.assert_allclose(
         confusion_matrix(rows, ["a", "b", "c", "d"]),
         [[1 / 3, 2 / 3, 0, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0, 0, 0]],
@@ -105,7 +112,9 @@ def test_confusion_matrix_rows_are_shares_of_each_true_class():
 
 def test_precision_recall_by_hand():
     # Thresholds 0.9, 0.8 (two rows at once), 0.3: 1, 3 and 4 rows called, 1, 2 and 2 of them positive.
-    precision, recall, average = precision_recall(np.array([0.9, 0.8, 0.8, 0.3]), np.array([1.0, 0.0, 1.0, 0.0]))
+    precision, recall, average = precision_recall(
+        np.array([0.9, 0.8, 0.8, 0.3]), np.array([1.0, 0.0, 1.0, 0.0])
+    )
     np.testing.assert_allclose(precision, [1, 2 / 3, 1 / 2])
     np.testing.assert_allclose(recall, [1 / 2, 1, 1])
     assert average == pytest.approx(1 / 2 * 1 + 1 / 2 * 2 / 3)
@@ -135,7 +144,9 @@ def test_a_multilabel_fit_draws_a_precision_recall_curve_per_label(tiny_bert_dir
     drawn = [label for label in task.labels if rows[f"target_{label}"].sum() > 0]
     assert sorted(curves) == sorted(drawn) and drawn
     for label in drawn:
-        precision, recall, _ = precision_recall(rows[f"p_{label}"].to_numpy(), rows[f"target_{label}"].to_numpy())
+        precision, recall, _ = precision_recall(
+            rows[f"p_{label}"].to_numpy(), rows[f"target_{label}"].to_numpy()
+        )
         np.testing.assert_allclose(curves[label].get_xdata(), recall)
         np.testing.assert_allclose(curves[label].get_ydata(), precision)
     assert (run / PLOTS / "precision_recall.png").is_file() and (run / REPORT).is_file()
@@ -179,7 +190,9 @@ def test_without_matplotlib_the_report_is_written_without_plots(report_run, tmp_
     run = shutil.copytree(report_run, tmp_path / "run")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *rest: None if name == "matplotlib" else find_spec(name, *rest)
+        importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name == "matplotlib" else find_spec(name, *rest),
     )
     with caplog.at_level(logging.WARNING, logger="finetune"):
         page = write_report(run).read_text()
