@@ -1,7 +1,8 @@
 """The run folder: what a run writes where, finding it from a ``Trainer``, and loading a finished run.
 
-A run lives in ``runs/<recipe name>/version_N/`` (the CSV logger's folder). Everything that names a file in
-it is here, so the CLI, the callbacks, the tasks and the distillation teacher agree on one layout.
+A run lives in ``runs/<recipe name>/version_N/`` (the CSV logger's folder; the CSV logger comes first whatever
+other loggers, trackers, a recipe adds). Everything that names a file in it is here, so the CLI, the
+callbacks, the tasks and the distillation teacher agree on one layout.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ CHECKPOINTS = "checkpoints"
 BEST = "best-epoch{epoch}-step{step}"  # ModelCheckpoint filename pattern; files start with "best-"
 LAST = "last"
 SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint folders hold besides the shards
+TENSORBOARD = "tensorboard"  # a TensorBoard tracker's folder in the run folder
+MLRUNS = "mlruns"  # an MLflow tracker's file store, beside the recipes' run folders (it holds many runs)
 KEY = "RUN_DIR"
 
 

@@ -2,7 +2,8 @@
 
 What it adds to ``LightningCLI``: top-level ``optimizer``/``lr_scheduler`` sections passed to the model,
 the model's backbone passed to the data (for its tokenizer or image transform), a run folder per recipe
-(``runs/<recipe>/version_N``), a checkpoint of the best and last epoch, and the reporting callbacks.
+(``runs/<recipe>/version_N``) with the recipe's trackers (``trainer.logger``) placed beside it, a checkpoint
+of the best and last epoch, early stopping in the direction of its metric, and the reporting callbacks.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import re
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from jsonargparse import Namespace, set_parsing_settings
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
 from finetune import runs
@@ -32,6 +33,7 @@ from finetune.callbacks import (
     RestoreRNG,
     StopOnNonFinite,
 )
+from finetune.callbacks.trackers import LoggerSpec, TrackRun, run_loggers
 from finetune.checkpoints import check_loadable, newest_loadable
 from finetune.cli.trainer_checks import check_trainer
 from finetune.errors import RecipeError
@@ -52,7 +54,12 @@ class FinetuneCLI(LightningCLI):
         self.run_name = runs.recipe_name(config_path) if config_path is not None else "run"
         self.plan = plan
         self.placement: Placement | None = None  # where the recipe asks the run to go (devices, sharding)
+        self.trackers: Any = None  # the recipe's trainer.logger, as parsed: None/True (CSV), False, specs
         super().__init__(*args, **kwargs)
+
+    def _section(self, config: Namespace) -> Namespace:
+        """The part of a parsed (or instantiated) config that holds this subcommand's sections."""
+        return config[self.subcommand] if self.subcommand else config
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -74,7 +81,7 @@ class FinetuneCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._section(self.config)
         # Validate the typed sections now: jsonargparse would bury their RecipeError in a Union report.
         OptimizerConfig(**config.optimizer.as_dict())
         ScheduleConfig(**config.lr_scheduler.as_dict())
@@ -96,6 +103,7 @@ class FinetuneCLI(LightningCLI):
             c.class_path.endswith("ModelCheckpoint") for c in callbacks
         ):
             callbacks = self._checkpoints(config.model.class_path) + callbacks
+        _early_stopping(callbacks, config.model.class_path)
         trainer.callbacks = callbacks
 
     def _checkpoint(self, ckpt_path: str, trainer: Namespace) -> Path:
@@ -113,13 +121,25 @@ class FinetuneCLI(LightningCLI):
         return found
 
     @override
+    def instantiate_classes(self) -> None:
+        # The loggers are made by instantiate_trainer, in the run folder only it knows (jsonargparse would make
+        # the recipe's where their own arguments say, and cannot make a TensorBoardLogger without save_dir).
+        # The config keeps trainer.logger as the recipe gives it: config.yaml is written later, at setup.
+        trainer = self._section(self.config).trainer
+        self.trackers, trainer.logger = trainer.logger, None
+        try:
+            super().instantiate_classes()
+        finally:
+            trainer.logger = self.trackers
+
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        # The logger is made here, not written into the recipe: a saved config.yaml then follows the
+        # The loggers are made here, not written into the recipe: a saved config.yaml then follows the
         # default_root_dir it is run with, instead of pinning the folder of the run that saved it.
-        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
-        if config.logger is None or config.logger is True:
-            save_dir = config.default_root_dir or "runs"
-            kwargs["logger"] = CSVLogger(save_dir=save_dir, name=self.run_name)
+        config = self._section(self.config_init).trainer
+        if self.trackers is not False:
+            root = Path(config.default_root_dir or "runs")
+            kwargs["logger"] = run_loggers(_logger_specs(self.trackers), root, self.run_name)
         if not config.plugins:
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
@@ -165,6 +185,56 @@ class FinetuneCLI(LightningCLI):
         table = getattr(data, "table", None)
         if callable(table) and table("test") is not None and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=data)
+
+
+def _logger_specs(value: Any) -> list[LoggerSpec]:
+    """The recipe's ``trainer.logger`` (None or True: the CSV logger alone; one or a list of ``class_path``
+    specs) as logger classes and their init args."""
+    if value is None or value is True:
+        return []
+    specs = value if isinstance(value, list) else [value]
+    return [
+        (
+            runs.import_class(spec.class_path, "trainer.logger"),
+            spec.init_args.as_dict() if spec.get("init_args") else {},
+        )
+        for spec in specs
+    ]
+
+
+# The last part of a metric's name for which lower is better; higher is, for every other metric tasks log.
+LOWER_IS_BETTER = ("loss", "mae", "rmse", "perplexity")
+
+
+def metric_mode(task: type, metric: str) -> Literal["min", "max"]:
+    """Which way ``metric`` of ``task`` (a ``FinetuneTask`` class) improves: its ``monitor``'s mode for the
+    metric its checkpoints follow, else by the metric's name (``LOWER_IS_BETTER``)."""
+    if metric == task.monitor.metric:
+        return task.monitor.mode
+    return "min" if metric.rpartition("/")[2] in LOWER_IS_BETTER else "max"
+
+
+def _early_stopping(callbacks: list[Namespace], model_class_path: str) -> None:
+    """A recipe's ``EarlyStopping`` on a finetune task watches a metric the task logs each validation epoch
+    (default: the one its checkpoints follow), in the direction the metric improves (``mode`` is set)."""
+    from finetune.tasks import FinetuneTask
+
+    task = runs.import_class(model_class_path, "model.class_path")
+    if not issubclass(task, FinetuneTask):
+        return
+    for callback in callbacks:
+        if "class_path" not in callback or not issubclass(
+            runs.import_class(callback.class_path, "trainer.callbacks"), EarlyStopping
+        ):
+            continue
+        args = callback.init_args
+        args.monitor = args.monitor or task.monitor.metric
+        if args.monitor not in task.epoch_metrics:
+            raise RecipeError(
+                "trainer.callbacks.EarlyStopping.monitor",
+                f"{task.__name__} logs no {args.monitor!r} each epoch; choose one of: {', '.join(task.epoch_metrics)}",
+            )
+        args.mode = metric_mode(task, args.monitor)
 
 
 PLAN_TRAINER = {
@@ -328,6 +398,7 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
             trainer_defaults={
                 "callbacks": [
                     ParameterReport(),
+                    TrackRun(),
                     MetricsReport(),
                     ExportModel(),
                     PredictionWriter(),

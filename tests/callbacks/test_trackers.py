@@ -1,0 +1,134 @@
+"""Trackers from the recipe (``trainer.logger``): TensorBoard and MLflow, read back with their own readers,
+hold the scalars of metrics.csv, the flattened recipe and the files config.yaml and plan.txt; the run folder
+stays complete; the loggers share its version; a bad logger is one line naming ``trainer.logger``."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from finetune.callbacks.trackers import flatten, run_loggers
+from finetune.cli import main
+from tests.helpers.recipes import text_recipe, write
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tiny_bert_dir, text_csv, tmp_path_factory) -> tuple[Path, Path]:
+    """One fit of the tiny BERT recipe with TensorBoard and MLflow: (the runs root, the run folder)."""
+    root = tmp_path_factory.mktemp("tracked") / "runs"
+    recipe = text_recipe(tiny_bert_dir, text_csv, root)
+    recipe["trainer"].update({"max_epochs": 2, "logger": ["TensorBoardLogger", "MLFlowLogger"]})
+    assert main([str(write(recipe, root.parent / "recipe.yaml"))]) == 0
+    return root, root / "recipe" / "version_0"
+
+
+def csv_series(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each metric of metrics.csv as its (step, value) pairs, in the order logged."""
+    metrics = pd.read_csv(run / "metrics.csv")
+    return {
+        column: [(int(s), float(v)) for s, v in zip(metrics["step"], metrics[column]) if not math.isnan(v)]
+        for column in metrics.columns
+        if column != "step"
+    }
+
+
+@pytest.mark.slow
+def test_the_run_folder_stays_complete_and_config_keeps_the_recipes_loggers(tracked_run):
+    _, run = tracked_run
+    for name in ("config.yaml", "metrics.csv", "plan.txt", "parameters.txt", "metrics_fit.txt", "metrics_test.txt"):
+        assert (run / name).is_file(), name
+    assert any((run / "checkpoints").glob("best-*.ckpt")) and (run / "export" / "model.safetensors").is_file()
+    loggers = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]
+    assert [logger["class_path"] for logger in loggers] == [
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "lightning.pytorch.loggers.MLFlowLogger",
+    ]
+    assert loggers[0]["init_args"].get("save_dir") is None  # the run's place is not pinned into the recipe
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_scalars_of_metrics_csv_the_recipe_and_the_plan(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = tracked_run
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    expected = csv_series(run)
+    # hp_metric: TensorBoardLogger's placeholder beside hyperparameters (default_hp_metric), not a metric.
+    tags = set(events.Tags()["scalars"]) - {"hp_metric"}
+    assert tags == set(expected) and {"train/loss", "val/acc", "test/acc", "epoch"} <= tags
+    for tag in tags:
+        scalars = [(event.step, event.value) for event in events.Scalars(tag)]
+        assert [step for step, _ in scalars] == [step for step, _ in expected[tag]], tag
+        assert [value for _, value in scalars] == pytest.approx([v for _, v in expected[tag]], rel=1e-6), tag
+
+    texts = {tag.partition("/")[0]: events.Tensors(tag)[0].tensor_proto for tag in events.Tags()["tensors"]}
+    for name in ("plan.txt", "config.yaml"):
+        assert textwrap.dedent(texts[name].string_val[0].decode()) == (run / name).read_text(), name
+    hparams = yaml.safe_load((run / "tensorboard" / "hparams.yaml").read_text())
+    assert hparams["optimizer.lr"] == 0.003 and hparams["trainer.max_epochs"] == 2
+
+
+@pytest.mark.slow
+def test_mlflow_holds_the_metrics_of_metrics_csv_the_recipe_and_its_files(tracked_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    root, run = tracked_run
+    client = MlflowClient(tracking_uri=(root / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("recipe")
+    (tracked,) = client.search_runs([experiment.experiment_id])
+    assert tracked.info.run_name == "version_0" and tracked.data.tags["run_dir"] == str(run.resolve())
+    for key, series in csv_series(run).items():
+        history = client.get_metric_history(tracked.info.run_id, key)
+        assert sorted((m.step, m.value) for m in history) == sorted(series), key
+
+    params = tracked.data.params
+    assert params["optimizer.lr"] == "0.003" and params["model.class_path"] == "finetune.ClassificationTask"
+    assert params["data.init_args.batch_size"] == "4"
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id)} >= {"config.yaml", "plan.txt"}
+    plan = client.download_artifacts(tracked.info.run_id, "plan.txt", str(tmp_path))
+    assert Path(plan).read_text() == (run / "plan.txt").read_text()
+
+
+def test_trackers_take_the_run_folders_version_and_keep_what_the_recipe_sets(tmp_path):
+    (tmp_path / "recipe" / "version_0").mkdir(parents=True)  # an earlier run
+    csv, board = run_loggers([(TensorBoardLogger, {})], tmp_path, "recipe")
+    assert isinstance(csv, CSVLogger) and Path(csv.log_dir) == tmp_path / "recipe" / "version_1"
+    assert Path(board.log_dir) == tmp_path / "recipe" / "version_1" / "tensorboard"
+
+    elsewhere = tmp_path / "elsewhere"
+    _, board = run_loggers([(TensorBoardLogger, {"save_dir": str(elsewhere), "name": "mine"})], tmp_path, "recipe")
+    assert Path(board.log_dir) == elsewhere / "mine" / "version_1" / "tensorboard"
+    (own,) = run_loggers([(CSVLogger, {"name": "mine"})], tmp_path, "recipe")  # the recipe's CSV takes the place
+    assert Path(own.log_dir) == tmp_path / "mine" / "version_0"
+
+
+def test_the_recipe_flattens_to_dotted_keys():
+    recipe = {"trainer": {"callbacks": [{"class_path": "EMA", "init_args": {"decay": 0.9}}], "plugins": []},
+              "optimizer": {"lr": 0.001, "betas": [0.9, 0.99], "groups": []}, "seed_everything": None,
+              "data": {"init_args": {"weird key(1)": 1}}}  # fmt: skip
+    assert flatten(recipe) == {
+        "trainer.callbacks.0.class_path": "EMA",
+        "trainer.callbacks.0.init_args.decay": 0.9,
+        "trainer.plugins": "[]",
+        "optimizer.lr": 0.001,
+        "optimizer.betas.0": 0.9,
+        "optimizer.betas.1": 0.99,
+        "optimizer.groups": "[]",
+        "seed_everything": None,
+        "data.init_args.weird key_1_": 1,
+    }
+
+
+def test_a_bad_logger_is_one_line_naming_trainer_logger(tiny_bert_dir, text_csv, tmp_path, capsys):
+    recipe = text_recipe(tiny_bert_dir, text_csv, tmp_path / "runs")
+    recipe["trainer"]["logger"] = "TensorBoard"
+    assert main([str(write(recipe, tmp_path / "recipe.yaml"))]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("finetune: error: trainer.logger: ") and "TensorBoardLogger" in error, error
