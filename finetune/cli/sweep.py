@@ -90,7 +90,9 @@ def main(argv: list[str]) -> int:
 
 def _monitor(recipe: dict[str, Any], overrides: list[str]) -> Any:
     """The ``Monitor`` (metric and mode) of the recipe's task: the sweep's objective."""
-    task = runs.import_class(str(_value(recipe, overrides, "model.class_path")), "model.class_path")
+    class_path = str(_value(recipe, overrides, "model.class_path"))
+    # A short name (ClassificationTask) is one of the tasks the package exports, as the recipe parser takes it.
+    task = runs.import_class(class_path if "." in class_path else f"finetune.{class_path}", "model.class_path")
     monitor = getattr(task, "monitor", None)
     require(
         monitor is not None, "model.class_path", "a sweep needs a finetune task: its monitor metric is the objective"

@@ -52,7 +52,8 @@ class TrialReport(pl.Callback):
 
     Contract: the module logs ``metric`` in validation (a finetune task's ``monitor.metric``); the study's
     direction says which value is best. Values are reported at step 0, 1, ... (one per validation, the
-    sanity check aside), which is what the median pruner compares across trials.
+    sanity check aside), which is what the median pruner compares across trials. It keeps nothing in
+    checkpoints: a trial lives in the process that runs it and is not resumed.
     """
 
     def __init__(self, trial: optuna.Trial, metric: str) -> None:
@@ -87,15 +88,6 @@ class TrialReport(pl.Callback):
         if not finite:
             raise TrialFailed(f"{self.metric} was never finite")
         return max(finite) if self.maximize else min(finite)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"values": list(self.values), "pruned": self.pruned}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.values = list(state_dict.get("values", []))
-        self.pruned = bool(state_dict.get("pruned", False))
 
 
 def open_study(folder: Path, name: str, direction: str, metric: str, pruner: str, seed: int | None) -> optuna.Study:

@@ -30,17 +30,17 @@ def lr_recipe(tiny_bert_dir, text_csv, tmp_path):
 
 def test_lr_find_prints_the_override_writes_the_plot_and_no_run(tiny_bert_dir, text_csv, tmp_path, capsys):
     path = lr_recipe(tiny_bert_dir, text_csv, tmp_path)
-    assert main(["lr-find", str(path), "--steps", "20", "--min-lr=1e-5"]) == 0
+    assert main(["lr-find", str(path), "--steps", "20", "--min-lr=1e-5", "--max-lr", "0.1"]) == 0
     out = capsys.readouterr().out
     suggestion = float(re.search(r"--optimizer\.lr=(\S+)", out).group(1))
-    assert math.isfinite(suggestion) and 1e-5 <= suggestion <= 1.0
+    assert math.isfinite(suggestion) and 1e-5 <= suggestion <= 0.1
     # The pattern group's own LR moves with the base LR: twice the suggestion, as 0.02 was twice 0.01.
     groups = re.search(r"--optimizer\.groups=(\[.*\])", out).group(1)
     assert float(re.search(r'"lr": ([^,}]+)', groups).group(1)) == pytest.approx(2 * suggestion)
     folder = tmp_path / "runs" / "tiny" / "lr_find"
     assert (folder / "lr_find.png").read_bytes().startswith(b"\x89PNG")
     rows = (folder / "lr_find.csv").read_text().splitlines()
-    assert rows[0] == "lr,loss" and len(rows) == 21
+    assert rows[0] == "lr,loss" and 12 <= len(rows) - 1 <= 20  # fewer when the loss diverged
     assert sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir()) == ["lr_find"]  # no version_N
     assert not list((tmp_path / "runs").rglob("*.ckpt"))  # Lightning's restore point is gone too
 
@@ -55,12 +55,12 @@ def test_every_group_keeps_its_ratio_and_the_weights_are_restored(tiny_bert_dir,
     task = cli.model
     task.configure_model()
     before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
-    search = find_lr(cli.trainer, task, cli.datamodule, base_lr=0.01, min_lr=1e-5, max_lr=1.0, steps=20)
+    search = find_lr(cli.trainer, task, cli.datamodule, base_lr=0.01, min_lr=1e-5, max_lr=0.1, steps=20)
 
     assert all(torch.equal(before[name], tensor) for name, tensor in task.state_dict().items())
     assert sorted({round(ratio, 6) for ratio in search.ratios}) == RATIOS
     # Every step trained each group at the searched base LR times the group's ratio.
-    assert len(search.applied) == len(search.lrs) == 20
+    assert len(search.applied) == len(search.lrs) >= 12
     for used, base in zip(search.applied, search.lrs):
         assert used == pytest.approx([base * ratio for ratio in search.ratios])
     # Applying the suggestion to the recipe gives every group the suggestion times its ratio.
