@@ -61,9 +61,19 @@ def split_argv(
     return argv[0], own, overrides
 
 
-def _options(argv: list[str]) -> Any:
+def parse_options(parser: Any, argv: list[str], command: str, usage: str) -> Any:
+    """``parser.parse_args(argv)`` (a jsonargparse parser built with ``exit_on_error=False``); a bad option is a
+    one-line RecipeError keyed by ``command``."""
     from argparse import ArgumentError
 
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as error:
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise RecipeError(command, f"{message}; usage: {usage}") from None
+
+
+def _options(argv: list[str]) -> Any:
     from jsonargparse import ActionYesNo, ArgumentParser
 
     parser = ArgumentParser(prog="python -m finetune lr-find", exit_on_error=False)
@@ -73,10 +83,7 @@ def _options(argv: list[str]) -> Any:
     parser.add_argument(
         "--batch-size-find", action=ActionYesNo, default=False, help="find the largest batch size first"
     )
-    try:
-        return parser.parse_args(argv)
-    except ArgumentError as error:
-        raise RecipeError("lr-find", f"{error}; usage: {USAGE}") from None
+    return parse_options(parser, argv, "lr-find", USAGE)
 
 
 def main(argv: list[str]) -> int:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from finetune import runs
-from finetune.cli.lr_find import split_argv
+from finetune.cli.lr_find import parse_options, split_argv
 from finetune.cli.recipe_file import _UniqueKeyLoader, read_recipe
 from finetune.errors import RecipeError, first_line, require
 
@@ -33,8 +33,6 @@ FOLDER = "sweep"
 
 
 def _options(argv: list[str]) -> Any:
-    from argparse import ArgumentError
-
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="python -m finetune sweep", exit_on_error=False)
@@ -43,10 +41,7 @@ def _options(argv: list[str]) -> Any:
     parser.add_argument("--study-name", type=str | None, default=None, help="default: the space file's name")
     parser.add_argument("--direction", type=str, default="auto", help="auto: the task's monitor mode")
     parser.add_argument("--pruner", type=str, default="median", help="median or none")
-    try:
-        return parser.parse_args(argv)
-    except ArgumentError as error:
-        raise RecipeError("sweep", f"{error}; usage: {USAGE}") from None
+    return parse_options(parser, argv, "sweep", USAGE)
 
 
 def main(argv: list[str]) -> int:
@@ -92,10 +87,14 @@ def _monitor(recipe: dict[str, Any], overrides: list[str]) -> Any:
     """The ``Monitor`` (metric and mode) of the recipe's task: the sweep's objective."""
     class_path = str(_value(recipe, overrides, "model.class_path"))
     # A short name (ClassificationTask) is one of the tasks the package exports, as the recipe parser takes it.
-    task = runs.import_class(class_path if "." in class_path else f"finetune.{class_path}", "model.class_path")
+    task = runs.import_class(
+        class_path if "." in class_path else f"finetune.{class_path}", "model.class_path"
+    )
     monitor = getattr(task, "monitor", None)
     require(
-        monitor is not None, "model.class_path", "a sweep needs a finetune task: its monitor metric is the objective"
+        monitor is not None,
+        "model.class_path",
+        "a sweep needs a finetune task: its monitor metric is the objective",
     )
     return monitor
 

@@ -85,7 +85,10 @@ class GroupRatioLRFinder(LearningRateFinder):
         groups = optimizer.param_groups
         self.groups = [str(group.get("name", f"group {i}")) for i, group in enumerate(groups)]
         self.ratios = [group.get("initial_lr", group["lr"]) / self.base_lr for group in groups]
-        hooks = [optimizer.register_step_pre_hook(self._scale), optimizer.register_step_post_hook(self._restore)]
+        hooks = [
+            optimizer.register_step_pre_hook(self._scale),
+            optimizer.register_step_post_hook(self._restore),
+        ]
         epochs = trainer.fit_loop.max_epochs
         trainer.fit_loop.max_epochs = -1  # `steps` bounds the search, not the recipe's epochs
         try:
@@ -185,7 +188,9 @@ def plot_search(search: LRSearch, path: Path) -> Path:
     axes.set_xlabel("optimizer.lr (each parameter group at its own ratio to it)")
     axes.set_ylabel("training loss (smoothed)")
     if search.suggestion is not None:
-        axes.axvline(search.suggestion, color="red", linestyle="--", label=f"suggestion {search.suggestion:.3g}")
+        axes.axvline(
+            search.suggestion, color="red", linestyle="--", label=f"suggestion {search.suggestion:.3g}"
+        )
         axes.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

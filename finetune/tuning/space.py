@@ -48,7 +48,9 @@ class Dimension:
         if self.kind == "categorical":
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+            return trial.suggest_int(
+                self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
     def override(self, value: Any) -> str:
@@ -78,7 +80,9 @@ def _dimension(key: str, spec: Any, where: str) -> Dimension:
         key,
         f"{where}: not a recipe key; give one as its override names it ({', '.join(SECTIONS)}, e.g. optimizer.lr)",
     )
-    require(isinstance(spec, dict), key, f"{where}: give a mapping such as {{type: float, low: ..., high: ...}}")
+    require(
+        isinstance(spec, dict), key, f"{where}: give a mapping such as {{type: float, low: ..., high: ...}}"
+    )
     kind = spec.get("type")
     require(kind in FIELDS, key, f"{where}: type {kind!r} is not one of {', '.join(FIELDS)}")
     unknown = sorted(str(field) for field in set(spec) - FIELDS[kind])
@@ -111,9 +115,7 @@ def _range(key: str, kind: str, spec: dict[str, Any], where: str) -> Dimension:
 
 
 def _categorical(key: str, choices: Any, where: str) -> Dimension:
-    require(
-        isinstance(choices, list) and bool(choices), key, f"{where}: categorical needs a list of choices"
-    )
+    require(isinstance(choices, list) and bool(choices), key, f"{where}: categorical needs a list of choices")
     scalars = all(choice is None or isinstance(choice, (bool, int, float, str)) for choice in choices)
     require(
         scalars,

@@ -90,12 +90,16 @@ class TrialReport(pl.Callback):
         return max(finite) if self.maximize else min(finite)
 
 
-def open_study(folder: Path, name: str, direction: str, metric: str, pruner: str, seed: int | None) -> optuna.Study:
+def open_study(
+    folder: Path, name: str, direction: str, metric: str, pruner: str, seed: int | None
+) -> optuna.Study:
     """The study ``name`` in ``folder/study.db``: created, or loaded with its trials when it exists (same
     direction required). TPE sampling (seeded by ``seed`` plus the trials already there, so a resumed study
     does not repeat its first random draws); ``pruner`` ``median`` (Optuna's defaults: from the 6th trial,
     a run below the median of the others at the same validation stops) or ``none``."""
-    require(direction in DIRECTIONS, "--direction", f"{direction!r} is not one of auto, {', '.join(DIRECTIONS)}")
+    require(
+        direction in DIRECTIONS, "--direction", f"{direction!r} is not one of auto, {', '.join(DIRECTIONS)}"
+    )
     require(pruner in PRUNERS, "--pruner", f"{pruner!r} is not one of {', '.join(PRUNERS)}")
     folder.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
@@ -159,7 +163,9 @@ def run_study(
             raise
         else:
             study.tell(trial, value)
-            log.info("Trial %d: %s %.4g, %s", trial.number, study.user_attrs.get(METRIC), value, _params(params))
+            log.info(
+                "Trial %d: %s %.4g, %s", trial.number, study.user_attrs.get(METRIC), value, _params(params)
+            )
         finally:
             gc.collect()  # the trial's model and data go before the next trial builds its own
     return missing
@@ -242,4 +248,3 @@ def plot_importance(study: optuna.Study, path: Path) -> Path | None:
         axes.figure.savefig(path, dpi=100)
         plt.close(axes.figure)
     return path
-

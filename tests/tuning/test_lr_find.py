@@ -19,6 +19,7 @@ RATIOS = [0.125, 0.25, 0.5, 1.0, 2.0]
 def lr_recipe(tiny_bert_dir, text_csv, tmp_path):
     recipe = text_recipe(tiny_bert_dir, text_csv, tmp_path / "runs", limit=40)  # 20 training rows
     recipe["trainer"]["max_epochs"] = 1
+    recipe["model"]["init_args"]["labels"] = ["negative", "positive"]  # the model builds without a trainer
     recipe["optimizer"] = {
         "name": "adamw",
         "lr": 0.01,
@@ -28,10 +29,13 @@ def lr_recipe(tiny_bert_dir, text_csv, tmp_path):
     return write(recipe, tmp_path / "tiny.yaml")
 
 
-def test_lr_find_prints_the_override_writes_the_plot_and_no_run(tiny_bert_dir, text_csv, tmp_path, capsys):
+def test_lr_find_prints_the_overrides_writes_the_plot_and_no_run(tiny_bert_dir, text_csv, tmp_path, capsys):
     path = lr_recipe(tiny_bert_dir, text_csv, tmp_path)
-    assert main(["lr-find", str(path), "--steps", "20", "--min-lr=1e-5", "--max-lr", "0.1"]) == 0
+    argv = ["lr-find", str(path), "--batch-size-find", "--steps", "15", "--min-lr=1e-5", "--max-lr", "0.1"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
+    # The batch-size finder doubled the recipe's 4: no memory limit on a CPU, only the training split's size.
+    assert int(re.search(r"--data\.init_args\.batch_size=(\d+)", out).group(1)) > 4
     suggestion = float(re.search(r"--optimizer\.lr=(\S+)", out).group(1))
     assert math.isfinite(suggestion) and 1e-5 <= suggestion <= 0.1
     # The pattern group's own LR moves with the base LR: twice the suggestion, as 0.02 was twice 0.01.
@@ -40,7 +44,7 @@ def test_lr_find_prints_the_override_writes_the_plot_and_no_run(tiny_bert_dir, t
     folder = tmp_path / "runs" / "tiny" / "lr_find"
     assert (folder / "lr_find.png").read_bytes().startswith(b"\x89PNG")
     rows = (folder / "lr_find.csv").read_text().splitlines()
-    assert rows[0] == "lr,loss" and 12 <= len(rows) - 1 <= 20  # fewer when the loss diverged
+    assert rows[0] == "lr,loss" and 12 <= len(rows) - 1 <= 15  # fewer when the loss diverged
     assert sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir()) == ["lr_find"]  # no version_N
     assert not list((tmp_path / "runs").rglob("*.ckpt"))  # Lightning's restore point is gone too
 
@@ -55,7 +59,7 @@ def test_every_group_keeps_its_ratio_and_the_weights_are_restored(tiny_bert_dir,
     task = cli.model
     task.configure_model()
     before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
-    search = find_lr(cli.trainer, task, cli.datamodule, base_lr=0.01, min_lr=1e-5, max_lr=0.1, steps=20)
+    search = find_lr(cli.trainer, task, cli.datamodule, base_lr=0.01, min_lr=1e-5, max_lr=0.1, steps=15)
 
     assert all(torch.equal(before[name], tensor) for name, tensor in task.state_dict().items())
     assert sorted({round(ratio, 6) for ratio in search.ratios}) == RATIOS
@@ -68,13 +72,6 @@ def test_every_group_keeps_its_ratio_and_the_weights_are_restored(tiny_bert_dir,
     config = scaled_optimizer(OptimizerConfig(**cli.config.optimizer.as_dict()), search.suggestion)
     applied = [group["lr"] for group in param_groups(task.model, task.layout, config)]
     assert applied == pytest.approx(search.group_lrs(search.suggestion))
-
-
-def test_batch_size_find_runs_on_cpu(tiny_bert_dir, text_csv, tmp_path, capsys):
-    path = lr_recipe(tiny_bert_dir, text_csv, tmp_path)
-    assert main(["lr-find", str(path), "--batch-size-find", "--steps", "15"]) == 0
-    size = int(re.search(r"--data\.init_args\.batch_size=(\d+)", capsys.readouterr().out).group(1))
-    assert size > 4  # doubled from the recipe's 4: no memory limit on a CPU, only the data's size
 
 
 def test_bad_range_is_one_line_before_anything_is_built(tiny_bert_dir, text_csv, tmp_path, capsys):

@@ -76,8 +76,16 @@ def test_sweep_runs_trials_as_runs_writes_a_summary_and_resumes(tiny_bert_dir, t
         ({"optimizer.lr": {"type": "float", "low": 0, "high": 1e-3, "log": True}}, "optimizer.lr", "low > 0"),
         ({"optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-4}}, "optimizer.lr", "below high"),
         ({"lr": {"type": "float", "low": 1e-4, "high": 1e-3}}, "lr", "not a recipe key"),
-        ({"data.init_args.batch_size": {"type": "int", "low": 8, "high": 32, "lg": True}}, "data.init_args.batch_size", "not lg"),
-        ({"model.init_args.strategy": {"type": "categorical", "choices": [{"name": "lora"}]}}, "model.init_args.strategy", "choices must be"),
+        (
+            {"data.init_args.batch_size": {"type": "int", "low": 8, "high": 32, "lg": True}},
+            "data.init_args.batch_size",
+            "not lg",
+        ),
+        (
+            {"model.init_args.strategy": {"type": "categorical", "choices": [{"name": "lora"}]}},
+            "model.init_args.strategy",
+            "choices must be",
+        ),
         ({"optimizer.name": {"type": "choice", "choices": ["adamw"]}}, "optimizer.name", "type 'choice'"),
         ([1, 2], "--space", "must map recipe keys"),
     ],
@@ -111,7 +119,9 @@ def test_trial_report_prunes_below_the_median_and_stops_the_run_cleanly():
     study.tell(good, 0.9)
 
     def validate(report, value):
-        trainer = SimpleNamespace(sanity_checking=False, should_stop=False, callback_metrics={"val/acc": torch.tensor(value)})
+        trainer = SimpleNamespace(
+            sanity_checking=False, should_stop=False, callback_metrics={"val/acc": torch.tensor(value)}
+        )
         report.on_validation_end(trainer, None)
         return trainer.should_stop
 
