@@ -76,23 +76,37 @@ def run_figures(run: Path) -> dict[str, Figure]:
 def curve_figures(frame: pd.DataFrame) -> dict[str, Figure]:
     """One figure per metric: its train and val curves against the optimizer step; the loss figure also
     draws each parameter group's learning rate on a second y axis (``learning rate``)."""
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
     rates = lr_curves(frame)
     figures = {}
     for name, series in curves(frame).items():
-        figure = new_figure()
+        with_rates = name == "loss" and bool(rates)
+        figure = new_figure(9.6 if with_rates else 6.4, 4.0)
         axes = figure.add_subplot()
         for curve in series:
             marker = "o" if len(curve.steps) <= MARKED else None
             axes.plot(curve.steps, curve.values, marker=marker, markersize=3, label=curve.column)
         axes.set(xlabel="step", ylabel=name, title=name)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(loc="best")
-        if name == "loss" and rates:
+        if with_rates:
             twin = axes.twinx()
-            for curve in rates:
-                twin.plot(curve.steps, curve.values, linestyle="--", linewidth=1, label=curve.column)
+            # Shades of one colour map, dashed: the groups read as one family, apart from the metric's lines.
+            shades = colormaps["viridis"].resampled(max(len(rates), 2))
+            for i, curve in enumerate(rates):
+                twin.plot(
+                    curve.steps,
+                    curve.values,
+                    linestyle="--",
+                    linewidth=1,
+                    color=shades(i),
+                    label=curve.column,
+                )
             twin.set_ylabel("learning rate")
             if len(rates) <= LEGEND:
-                twin.legend(loc="upper right", fontsize="small")
+                figure.legend(handles=twin.get_lines(), loc="outside right upper", fontsize="small")
         figures[name] = figure
     return figures
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -141,10 +142,7 @@ def online(monkeypatch, token: str | None) -> list[tuple]:
         def upload_folder(self, **options):
             folder = Path(options["folder_path"])
             calls.append(("upload_folder", options, sorted(p.name for p in folder.iterdir())))
-            return huggingface_hub.CommitInfo(
-                commit_url=f"https://huggingface.co/{options['repo_id']}/commit/1",
-                commit_message="", commit_description="", oid="1",
-            )  # fmt: skip
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{options['repo_id']}/commit/1")
 
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
