@@ -81,7 +81,6 @@ def export_language_model(task: FinetuneTask, directory: Path, merge: bool = Fal
     return write_atomically(directory, write)
 
 
-
 def hub_client() -> Any:
     """A ``huggingface_hub.HfApi`` that can push; RecipeError (``--push-to-hub``) when the Hub is switched
     off (``HF_HUB_OFFLINE``) or no token is found (``hf auth login``, or ``HF_TOKEN``)."""
@@ -93,7 +92,9 @@ def hub_client() -> Any:
         "the Hugging Face Hub is offline here (HF_HUB_OFFLINE is set); unset it to push",
     )
     token = huggingface_hub.get_token()
-    require(bool(token), PUSH_KEY, "not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN")
+    require(
+        bool(token), PUSH_KEY, "not logged in to the Hugging Face Hub; run `hf auth login` or set HF_TOKEN"
+    )
     return huggingface_hub.HfApi(token=token)
 
 

@@ -20,7 +20,9 @@ def main(argv: list[str]) -> int:
         raise RecipeError("report", f"give one run folder: {USAGE}")
     run = Path(argv[0])
     if not (run / runs.CONFIG).is_file():
-        raise RecipeError(runs.KEY, f"{run} is not a run folder (no {runs.CONFIG}); give runs/<recipe>/version_N")
+        raise RecipeError(
+            runs.KEY, f"{run} is not a run folder (no {runs.CONFIG}); give runs/<recipe>/version_N"
+        )
     from finetune.report import PLOTS, write_report
 
     page = write_report(run)
