@@ -33,7 +33,9 @@ BEST = "best-epoch{epoch}-step{step}"  # ModelCheckpoint filename pattern; files
 LAST = "last"
 SHARDED_METADATA = "meta.pt"  # what Lightning's sharded checkpoint folders hold besides the shards
 TENSORBOARD = "tensorboard"  # a TensorBoard tracker's folder in the run folder
-MLRUNS = "mlruns"  # an MLflow tracker's file store, beside the recipes' run folders (it holds many runs)
+MLRUNS = "mlruns"  # an MLflow tracker's store, beside the recipes' run folders (it holds many runs):
+MLFLOW_DB = "mlflow.db"  # its SQLite database
+MLFLOW_ARTIFACTS = "artifacts"  # and its artifacts
 KEY = "RUN_DIR"
 
 

@@ -65,7 +65,11 @@ class EMA(EMAWeightAveraging):
         device: str | None = None,
     ) -> None:
         require(0 <= decay < 1, f"{KEY}.decay", f"must be in [0, 1) (1 never moves), got {decay}")
-        require(update_every_n_steps >= 1, f"{KEY}.update_every_n_steps", f"must be 1 or more, got {update_every_n_steps}")
+        require(
+            update_every_n_steps >= 1,
+            f"{KEY}.update_every_n_steps",
+            f"must be 1 or more, got {update_every_n_steps}",
+        )
         super().__init__(
             device=device,
             use_buffers=use_buffers,

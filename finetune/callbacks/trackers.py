@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import textwrap
 from collections.abc import Callable, Mapping
@@ -30,19 +31,23 @@ def run_loggers(trackers: list[LoggerSpec], root: Path, name: str) -> list[Logge
     """
     first = next((i for i, (cls, _) in enumerate(trackers) if issubclass(cls, CSVLogger)), None)
     csv_class, csv_args = trackers[first] if first is not None else (CSVLogger, {})
-    folder = _build(csv_class, csv_args, placement(csv_class, root, name, None))
+    folder = _build(csv_class, csv_args, placement(csv_class, csv_args, root, name, None))
     version = folder.version  # the next free version_N, read before anything is written
     rest = [spec for i, spec in enumerate(trackers) if i != first]
-    return [folder, *(_build(cls, args, placement(cls, root, name, version)) for cls, args in rest)]
+    return [folder, *(_build(cls, args, placement(cls, args, root, name, version)) for cls, args in rest)]
 
 
-def placement(cls: type[Logger], root: Path, name: str, version: int | str | None) -> dict[str, Any]:
-    """Where a logger of class ``cls`` writes, by default, for run ``version`` of recipe ``name``:
+def placement(
+    cls: type[Logger], given: Mapping[str, Any], root: Path, name: str, version: int | str | None
+) -> dict[str, Any]:
+    """Where a logger of class ``cls`` (given init args ``given``) writes by default, for run ``version`` of
+    recipe ``name``:
 
     - CSV: the run folder ``root/name/version_N`` itself (``version`` None: the next free one);
     - TensorBoard: ``<run folder>/tensorboard`` (``tensorboard --logdir runs`` shows every run);
-    - MLflow, whose store holds many runs: the file store ``root/mlruns``, experiment ``name``, run
-      ``version_N`` tagged with its ``run_dir`` (``MLFLOW_TRACKING_URI`` or a ``tracking_uri`` wins);
+    - MLflow, whose store holds many runs: the SQLite store ``root/mlruns/mlflow.db`` with artifacts in
+      ``root/mlruns/artifacts`` (MLflow 3 refuses its file store), experiment ``name``, run ``version_N``
+      tagged with its ``run_dir``; a ``tracking_uri`` or ``MLFLOW_TRACKING_URI`` (a server) wins;
     - W&B: ``<run folder>/wandb``, project ``name``, run ``version_N``;
     - any other logger: where its own arguments say.
     """
@@ -52,11 +57,14 @@ def placement(cls: type[Logger], root: Path, name: str, version: int | str | Non
     if issubclass(cls, TensorBoardLogger):
         return {"save_dir": str(root), "name": name, "version": version, "sub_dir": runs.TENSORBOARD}
     if issubclass(cls, MLFlowLogger):
-        return {
-            "save_dir": str((root / runs.MLRUNS).resolve()),
-            "experiment_name": name,
-            "run_name": run.name,
-            "tags": {"run_dir": str(run.resolve())},
+        placed = {"experiment_name": name, "run_name": run.name, "tags": {"run_dir": str(run.resolve())}}
+        if given.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"):
+            return placed
+        store = (root / runs.MLRUNS).resolve()
+        store.mkdir(parents=True, exist_ok=True)  # SQLite makes its file, not the folder
+        return placed | {
+            "tracking_uri": f"sqlite:///{store / runs.MLFLOW_DB}",
+            "artifact_location": str(store / runs.MLFLOW_ARTIFACTS),
         }
     if issubclass(cls, WandbLogger):
         return {"save_dir": str(run), "project": name, "name": run.name}
@@ -75,32 +83,42 @@ def _build(cls: type[Logger], given: Mapping[str, Any], placed: Mapping[str, Any
 
 
 class TrackRun(pl.Callback):
-    """When training starts, gives every tracker (each logger but the CSV ones, whose folder holds the files
-    already) the run's resolved recipe and plan, read from the run folder (``finetune.runs.run_dir``):
+    """Gives every tracker (each logger but the CSV ones, whose folder holds the files already) the run's
+    resolved recipe and plan, read from the run folder (``finetune.runs.run_dir``):
 
-    - hyperparameters: ``config.yaml`` flattened (``optimizer.lr``, ``trainer.callbacks.0.class_path``);
-    - the files ``config.yaml`` and ``plan.txt``: TensorBoard as text, MLflow as run artifacts, W&B as run
-      files; other loggers get the hyperparameters only.
+    - at fit start, hyperparameters: ``config.yaml`` flattened (``optimizer.lr``,
+      ``trainer.callbacks.0.class_path``), before Lightning logs the task's own (TensorBoard shows the first);
+    - at train start, once ``plan.txt`` is written, the files ``config.yaml`` and ``plan.txt``: TensorBoard as
+      text, MLflow as run artifacts, W&B as run files (other loggers get the hyperparameters only).
 
     Contract: the CLI writes ``config.yaml`` when fit sets up and ``ParameterReport`` writes ``plan.txt`` at fit
     start; a file the run folder lacks (your own ``Trainer`` without them) is skipped.
     """
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trackers = [logger for logger in trainer.loggers if not isinstance(logger, CSVLogger)]
-        if not trackers or not trainer.is_global_zero:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        config = runs.run_dir(trainer) / runs.CONFIG
+        if not _trackers(trainer) or not config.is_file():
             return
-        run = runs.run_dir(trainer)
-        files = [run / name for name in (runs.CONFIG, runs.PLAN) if (run / name).is_file()]
-        config = run / runs.CONFIG
-        hyperparameters = flatten(yaml.safe_load(config.read_text())) if config in files else {}
-        for logger in trackers:
-            if hyperparameters:
-                logger.log_hyperparams(hyperparameters)
+        hyperparameters = flatten(yaml.safe_load(config.read_text()))
+        for logger in _trackers(trainer):
+            logger.log_hyperparams(hyperparameters)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = runs.run_dir(trainer) if _trackers(trainer) else None
+        files = [run / name for name in (runs.CONFIG, runs.PLAN) if run and (run / name).is_file()]
+        for logger in _trackers(trainer):
             attach = next((attach for kind, attach in ATTACH.items() if isinstance(logger, kind)), None)
             for path in files if attach else []:
                 attach(logger, path)
+
+
+def _trackers(trainer: pl.Trainer) -> list[Logger]:
+    """The loggers other than CSV ones, on the process that logs (rank zero); none elsewhere."""
+    if not trainer.is_global_zero:
+        return []
+    return [logger for logger in trainer.loggers if not isinstance(logger, CSVLogger)]
 
 
 def flatten(recipe: Mapping[str, Any] | list[Any], prefix: str = "") -> dict[str, Any]:

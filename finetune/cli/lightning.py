@@ -215,8 +215,8 @@ def metric_mode(task: type, metric: str) -> Literal["min", "max"]:
 
 
 def _early_stopping(callbacks: list[Namespace], model_class_path: str) -> None:
-    """A recipe's ``EarlyStopping`` on a finetune task watches a metric the task logs each validation epoch
-    (default: the one its checkpoints follow), in the direction the metric improves (``mode`` is set)."""
+    """A recipe's ``EarlyStopping`` on a finetune task watches a metric the task logs each validation epoch, in
+    the direction the metric improves (``mode`` is set)."""
     from finetune.tasks import FinetuneTask
 
     task = runs.import_class(model_class_path, "model.class_path")
@@ -228,7 +228,6 @@ def _early_stopping(callbacks: list[Namespace], model_class_path: str) -> None:
         ):
             continue
         args = callback.init_args
-        args.monitor = args.monitor or task.monitor.metric
         if args.monitor not in task.epoch_metrics:
             raise RecipeError(
                 "trainer.callbacks.EarlyStopping.monitor",
@@ -269,6 +268,10 @@ _OUR_ERROR = re.compile(
 _BAD_CLASS_PATH = re.compile(
     r"Problem with given class_path '([^']+)':\s*\n\s*(?:module '[^']*' has no attribute|No module named)"
 )
+_REQUIRED = re.compile(r"class_path '([^']+)':\s*\n\s*the following arguments are required: (\w+)")
+_NOT_A_CLASS = re.compile(r"Expected a dot import path string: (\S+)")
+# Lightning's loggers, by the short names a recipe's trainer.logger takes.
+LOGGERS = "TensorBoardLogger, MLFlowLogger, WandbLogger, CSVLogger"
 
 
 def explain_parse_error(text: str) -> RecipeError:
@@ -276,6 +279,9 @@ def explain_parse_error(text: str) -> RecipeError:
     ours = _OUR_ERROR.search(text)
     if ours:
         return RecipeError(ours.group(1), ours.group(2).strip())
+    trainer_class = _trainer_class_error(text)
+    if trainer_class:
+        return trainer_class
     bad_class = _BAD_CLASS_PATH.search(text)
     if bad_class:
         parser_keys = dict.fromkeys(_PARSER_KEY.findall(text[: bad_class.start()]))
@@ -310,6 +316,30 @@ def explain_parse_error(text: str) -> RecipeError:
         return RecipeError(key, f"expected {expected}, got {given!r}; fix the value's type")
     first = next((line.strip() for line in text.splitlines() if line.strip()), text)
     return RecipeError(key, first)
+
+
+def _trainer_class_error(text: str) -> RecipeError | None:
+    """A logger or callback (``trainer.logger``, ``trainer.callbacks``) missing an argument its class requires,
+    or a logger name that imports nothing."""
+    section = next(iter(_PARSER_KEY.findall(text)), "")
+    if section not in ("trainer.logger", "trainer.callbacks"):
+        return None
+    required = _REQUIRED.search(text)
+    if required:
+        name = required.group(1).rpartition(".")[2]
+        example = " (the runs root, e.g. runs: it writes into <root>/<recipe>/version_N/tensorboard)"
+        return RecipeError(
+            f"{section}.{name}.{required.group(2)}",
+            f"{name} requires it{example if name == 'TensorBoardLogger' else ''}; give it in init_args",
+        )
+    not_a_class = _NOT_A_CLASS.search(text)
+    if not_a_class and section == "trainer.logger":
+        return RecipeError(
+            section,
+            f"{not_a_class.group(1)!r} is not a logger; name one of {LOGGERS} (a list for several), "
+            "or give class_path and init_args",
+        )
+    return None
 
 
 def unknown_class(key: str, class_path: str) -> RecipeError:

@@ -119,7 +119,9 @@ def test_validation_checkpoints_and_the_final_module_hold_the_average_of_the_tra
 
     final = by_hand(record.steps, AVERAGED)
     assert_equal(copy_state(model), final, AVERAGED)
-    assert not torch.equal(final["body.weight"], record.steps[-1]["body.weight"])  # the average is not the last
+    assert not torch.equal(
+        final["body.weight"], record.steps[-1]["body.weight"]
+    )  # the average is not the last
 
 
 def test_a_resumed_run_continues_the_same_average(tmp_path):
@@ -158,7 +160,8 @@ def test_lora_averages_the_adapters_and_head_and_exports_the_average(tiny_bert_d
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(LABELS))
     exported = dict(PeftModel.from_pretrained(base, tmp_path / "export").named_parameters())
     peft_name = {
-        n: "base_model.model." + n.removeprefix("model.").replace("classifier.", "classifier.modules_to_save.default.")
+        n: "base_model.model."
+        + n.removeprefix("model.").replace("classifier.", "classifier.modules_to_save.default.")
         for n in trained
     }
     assert_equal({n: exported[peft_name[n]].detach() for n in trained}, average, trained)
@@ -169,6 +172,7 @@ def test_bad_arguments_and_strategies_with_checkpoints_of_their_own():
         EMA(decay=1.0)
     with pytest.raises(RecipeError, match="update_every_n_steps: must be 1 or more"):
         EMA(update_every_n_steps=0)
+
     class OwnCheckpoints:  # as DeepSpeed, FSDP and fsdp2: weights restored after setup, in their own format
         restore_checkpoint_after_setup = True
 

@@ -49,7 +49,9 @@ def early_stopping_recipe(tiny_bert_dir, text_csv, tmp_path, **init_args):
 @pytest.mark.slow
 def test_a_run_stops_once_its_metric_stops_improving(tiny_bert_dir, text_csv, tmp_path):
     # Accuracy cannot rise by more than 1: the first epoch sets the best, the second fails to beat it.
-    recipe = early_stopping_recipe(tiny_bert_dir, text_csv, tmp_path, monitor="val/acc", patience=1, min_delta=1.0)
+    recipe = early_stopping_recipe(
+        tiny_bert_dir, text_csv, tmp_path, monitor="val/acc", patience=1, min_delta=1.0
+    )
     assert main([str(recipe)]) == 0
     run = tmp_path / "runs" / "recipe" / "version_0"
     metrics = pd.read_csv(run / "metrics.csv")

@@ -23,7 +23,8 @@ def tracked_run(tiny_bert_dir, text_csv, tmp_path_factory) -> tuple[Path, Path]:
     """One fit of the tiny BERT recipe with TensorBoard and MLflow: (the runs root, the run folder)."""
     root = tmp_path_factory.mktemp("tracked") / "runs"
     recipe = text_recipe(tiny_bert_dir, text_csv, root)
-    recipe["trainer"].update({"max_epochs": 2, "logger": ["TensorBoardLogger", "MLFlowLogger"]})
+    board = {"class_path": "TensorBoardLogger", "init_args": {"save_dir": str(root)}}  # Lightning requires it
+    recipe["trainer"].update({"max_epochs": 2, "logger": [board, "MLFlowLogger"]})
     assert main([str(write(recipe, root.parent / "recipe.yaml"))]) == 0
     return root, root / "recipe" / "version_0"
 
@@ -41,7 +42,14 @@ def csv_series(run: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.slow
 def test_the_run_folder_stays_complete_and_config_keeps_the_recipes_loggers(tracked_run):
     _, run = tracked_run
-    for name in ("config.yaml", "metrics.csv", "plan.txt", "parameters.txt", "metrics_fit.txt", "metrics_test.txt"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "plan.txt",
+        "parameters.txt",
+        "metrics_fit.txt",
+        "metrics_test.txt",
+    ):
         assert (run / name).is_file(), name
     assert any((run / "checkpoints").glob("best-*.ckpt")) and (run / "export" / "model.safetensors").is_file()
     loggers = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]
@@ -49,12 +57,15 @@ def test_the_run_folder_stays_complete_and_config_keeps_the_recipes_loggers(trac
         "lightning.pytorch.loggers.TensorBoardLogger",
         "lightning.pytorch.loggers.MLFlowLogger",
     ]
-    assert loggers[0]["init_args"].get("save_dir") is None  # the run's place is not pinned into the recipe
+    # As the recipe gave them: the places the run chose are not pinned into it.
+    assert loggers[0]["init_args"]["name"] == "lightning_logs" and loggers[0]["init_args"]["sub_dir"] is None
+    assert loggers[1]["init_args"]["tracking_uri"] is None and loggers[1]["init_args"]["run_name"] is None
 
 
 @pytest.mark.slow
 def test_tensorboard_holds_the_scalars_of_metrics_csv_the_recipe_and_the_plan(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     _, run = tracked_run
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
@@ -71,8 +82,11 @@ def test_tensorboard_holds_the_scalars_of_metrics_csv_the_recipe_and_the_plan(tr
     texts = {tag.partition("/")[0]: events.Tensors(tag)[0].tensor_proto for tag in events.Tags()["tensors"]}
     for name in ("plan.txt", "config.yaml"):
         assert textwrap.dedent(texts[name].string_val[0].decode()) == (run / name).read_text(), name
-    hparams = yaml.safe_load((run / "tensorboard" / "hparams.yaml").read_text())
-    assert hparams["optimizer.lr"] == 0.003 and hparams["trainer.max_epochs"] == 2
+    # The hyperparameters TensorBoard shows (the first set logged) are the flattened recipe.
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    shown = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert shown["optimizer.lr"].number_value == 0.003 and shown["trainer.max_epochs"].number_value == 2
+    assert shown["model.class_path"].string_value == "finetune.ClassificationTask"
 
 
 @pytest.mark.slow
@@ -80,7 +94,7 @@ def test_mlflow_holds_the_metrics_of_metrics_csv_the_recipe_and_its_files(tracke
     from mlflow.tracking import MlflowClient
 
     root, run = tracked_run
-    client = MlflowClient(tracking_uri=(root / "mlruns").resolve().as_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}")
     experiment = client.get_experiment_by_name("recipe")
     (tracked,) = client.search_runs([experiment.experiment_id])
     assert tracked.info.run_name == "version_0" and tracked.data.tags["run_dir"] == str(run.resolve())
@@ -103,9 +117,13 @@ def test_trackers_take_the_run_folders_version_and_keep_what_the_recipe_sets(tmp
     assert Path(board.log_dir) == tmp_path / "recipe" / "version_1" / "tensorboard"
 
     elsewhere = tmp_path / "elsewhere"
-    _, board = run_loggers([(TensorBoardLogger, {"save_dir": str(elsewhere), "name": "mine"})], tmp_path, "recipe")
+    _, board = run_loggers(
+        [(TensorBoardLogger, {"save_dir": str(elsewhere), "name": "mine"})], tmp_path, "recipe"
+    )
     assert Path(board.log_dir) == elsewhere / "mine" / "version_1" / "tensorboard"
-    (own,) = run_loggers([(CSVLogger, {"name": "mine"})], tmp_path, "recipe")  # the recipe's CSV takes the place
+    (own,) = run_loggers(
+        [(CSVLogger, {"name": "mine"})], tmp_path, "recipe"
+    )  # the recipe's CSV takes the place
     assert Path(own.log_dir) == tmp_path / "mine" / "version_0"
 
 
@@ -126,9 +144,22 @@ def test_the_recipe_flattens_to_dotted_keys():
     }
 
 
-def test_a_bad_logger_is_one_line_naming_trainer_logger(tiny_bert_dir, text_csv, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("logger", "error"),
+    [
+        ("TensorBoard", "trainer.logger: 'TensorBoard' is not a logger; name one of TensorBoardLogger, "),
+        (
+            ["MLFlowLogger", "mlflow"],
+            "trainer.logger: 'mlflow' is not a logger; name one of TensorBoardLogger, ",
+        ),
+        (
+            "TensorBoardLogger",
+            "trainer.logger.TensorBoardLogger.save_dir: TensorBoardLogger requires it (the runs",
+        ),
+    ],
+)
+def test_a_bad_logger_is_one_line_naming_the_key(logger, error, tiny_bert_dir, text_csv, tmp_path, capsys):
     recipe = text_recipe(tiny_bert_dir, text_csv, tmp_path / "runs")
-    recipe["trainer"]["logger"] = "TensorBoard"
+    recipe["trainer"]["logger"] = logger
     assert main([str(write(recipe, tmp_path / "recipe.yaml"))]) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("finetune: error: trainer.logger: ") and "TensorBoardLogger" in error, error
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"finetune: error: {error}")
