@@ -36,6 +36,7 @@ _EXPORTS = {
     "MetricsReport": "finetune.callbacks",
     "ParameterReport": "finetune.callbacks",
     "PredictionWriter": "finetune.callbacks",
+    "RunReport": "finetune.callbacks",
     "RestoreRNG": "finetune.callbacks",
     "GradualUnfreezing": "finetune.callbacks",
     "Distillation": "finetune.callbacks",

@@ -19,13 +19,18 @@ from finetune.errors import RecipeError
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process ended by it
 # Commands of our own: name -> "module:function"; the function takes the remaining argv, returns an exit code.
-COMMANDS: dict[str, str] = {"export": "finetune.cli.export:main", "plan": "finetune.cli.plan:main"}
+COMMANDS: dict[str, str] = {
+    "export": "finetune.cli.export:main",
+    "plan": "finetune.cli.plan:main",
+    "report": "finetune.cli.report:main",
+}
 
 HELP = """\
 usage: python -m finetune RECIPE.yaml [--section.key=value ...]
        python -m finetune {fit,validate,test,predict} --config RECIPE.yaml [--section.key=value ...]
        python -m finetune plan RECIPE.yaml [--section.key=value ...]
-       python -m finetune export RUN_DIR [--merge] [--out DIR]
+       python -m finetune export RUN_DIR [--merge] [--out DIR] [--push-to-hub REPO_ID]
+       python -m finetune report RUN_DIR
 
 Fine-tune a pretrained timm or Hugging Face model from a recipe (a Lightning CLI config with the
 sections trainer, model, data, optimizer, lr_scheduler).
@@ -38,6 +43,7 @@ commands:
   predict        write predictions.csv into the run folder
   export         write a run's model again: adapters alone (peft format), or --merge for a plain model
   plan           build model and optimizer from a recipe, print the run plan (LRs, schedule, memory)
+  report         redraw a run's plots and report.html from its files
 
 `python -m finetune fit --help` lists every recipe key with its type and default.
 Runs are written to runs/<recipe name>/version_N (resolved recipe, metrics, checkpoints, export).

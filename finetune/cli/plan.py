@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import SaveConfigCallback
 
-    from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter
+    from finetune.callbacks import ExportModel, MetricsReport, ParameterReport, PredictionWriter, RunReport
     from finetune.cli.lightning import run_cli
     from finetune.plan import run_plan
 
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
             raise PlanReady
 
     probe = PlanProbe()
-    writers = (ExportModel, MetricsReport, ParameterReport, PredictionWriter, SaveConfigCallback)
+    writers = (ExportModel, MetricsReport, ParameterReport, PredictionWriter, RunReport, SaveConfigCallback)
     cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, writers)] + [probe]
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
