@@ -1,4 +1,5 @@
-"""The command line: ``python -m finetune RECIPE.yaml``, the Lightning CLI subcommands, ``plan`` and ``export``.
+"""The command line: ``python -m finetune RECIPE.yaml``, the Lightning CLI subcommands, and our own commands
+(``plan``, ``export``, ``report``, ``lr-find``, ``sweep``).
 
 The only layer that parses argv or prints; the library never imports it.
 
@@ -21,8 +22,10 @@ PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process ended by it
 # Commands of our own: name -> "module:function"; the function takes the remaining argv, returns an exit code.
 COMMANDS: dict[str, str] = {
     "export": "finetune.cli.export:main",
+    "lr-find": "finetune.cli.lr_find:main",
     "plan": "finetune.cli.plan:main",
     "report": "finetune.cli.report:main",
+    "sweep": "finetune.cli.sweep:main",
 }
 
 HELP = """\
@@ -31,6 +34,9 @@ usage: python -m finetune RECIPE.yaml [--section.key=value ...]
        python -m finetune plan RECIPE.yaml [--section.key=value ...]
        python -m finetune export RUN_DIR [--merge] [--out DIR] [--push-to-hub REPO_ID]
        python -m finetune report RUN_DIR
+       python -m finetune lr-find RECIPE.yaml [--min-lr 1e-7] [--max-lr 1] [--steps 100] [--batch-size-find]
+       python -m finetune sweep RECIPE.yaml --space SPACE.yaml --trials N [--study-name NAME]
+                                [--direction auto|maximize|minimize] [--pruner median|none]
 
 Fine-tune a pretrained timm or Hugging Face model from a recipe (a Lightning CLI config with the
 sections trainer, model, data, optimizer, lr_scheduler).
@@ -44,6 +50,8 @@ commands:
   export         write a run's model again: adapters alone (peft format), or --merge for a plain model
   plan           build model and optimizer from a recipe, print the run plan (LRs, schedule, memory)
   report         redraw a run's plots and report.html from its files
+  lr-find        LR range test with every parameter group scaled together: plot, and the --optimizer.lr to pass
+  sweep          Optuna search over the recipe keys of a space file; each trial a run folder; the study resumes
 
 `python -m finetune fit --help` lists every recipe key with its type and default.
 Runs are written to runs/<recipe name>/version_N (resolved recipe, metrics, checkpoints, export).
