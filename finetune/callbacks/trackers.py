@@ -89,7 +89,8 @@ class TrackRun(pl.Callback):
     - at fit start, hyperparameters: ``config.yaml`` flattened (``optimizer.lr``,
       ``trainer.callbacks.0.class_path``), before Lightning logs the task's own (TensorBoard shows the first);
     - at train start, once ``plan.txt`` is written, the files ``config.yaml`` and ``plan.txt``: TensorBoard as
-      text, MLflow as run artifacts, W&B as run files (other loggers get the hyperparameters only).
+      text, MLflow as run artifacts, W&B as run files under ``version_N/`` (other loggers get the
+      hyperparameters only).
 
     Contract: the CLI writes ``config.yaml`` when fit sets up and ``ParameterReport`` writes ``plan.txt`` at fit
     start; a file the run folder lacks (your own ``Trainer`` without them) is skipped.
@@ -148,7 +149,8 @@ def _artifact(logger: MLFlowLogger, path: Path) -> None:
 
 
 def _run_file(logger: WandbLogger, path: Path) -> None:
-    logger.experiment.save(str(path), base_path=str(path.parent), policy="now")
+    # Under version_N/: W&B keeps its own config.yaml among the run's files.
+    logger.experiment.save(str(path), base_path=str(path.parent.parent), policy="now")
 
 
 # How each kind of tracker keeps a file of the run.

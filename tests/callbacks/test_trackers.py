@@ -4,7 +4,9 @@ stays complete; the loggers share its version; a bad logger is one line naming `
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 import textwrap
 from pathlib import Path
 
@@ -163,3 +165,50 @@ def test_a_bad_logger_is_one_line_naming_the_key(logger, error, tiny_bert_dir, t
     recipe["trainer"]["logger"] = logger
     assert main([str(write(recipe, tmp_path / "recipe.yaml"))]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"finetune: error: {error}")
+
+
+def wandb_records(run_file: Path, kind: str) -> list[dict]:
+    """The ``kind`` records (``history``: logged rows; ``config``: updates of the run's config) of an offline
+    W&B run, as dicts. Its ``.wandb`` transaction log is a LevelDB log (32 KiB blocks of records with a 7-byte
+    header, after a 7-byte ``:W&B`` file header) of wandb's own protobuf ``Record``s; wandb 0.31 no longer
+    ships a Python reader."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, found, chunk, offset = run_file.read_bytes(), [], b"", 7
+    assert data[:4] == b":W&B"
+    while offset + 7 <= len(data):
+        if 32768 - offset % 32768 < 7:  # a block's tail too short for a header is padding
+            offset += 32768 - offset % 32768
+            continue
+        _, length, part = struct.unpack("<IHB", data[offset : offset + 7])
+        chunk, offset = chunk + data[offset + 7 : offset + 7 + length], offset + 7 + length
+        if part in (1, 4):  # FULL, or the LAST part of a record split over blocks
+            record = wandb_internal_pb2.Record.FromString(chunk)
+            if record.WhichOneof("record_type") == kind:
+                items = record.history.item if kind == "history" else record.config.update
+                found.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+            chunk = b""
+    return found
+
+
+@pytest.mark.slow
+def test_wandb_offline_holds_the_metrics_of_metrics_csv_and_the_recipe(tiny_bert_dir, text_csv, tmp_path):
+    wandb = pytest.importorskip("wandb")  # an optional tracker: installed with finetune[trackers]
+    recipe = text_recipe(tiny_bert_dir, text_csv, tmp_path / "runs")
+    recipe["trainer"].update(
+        {"max_epochs": 1, "logger": {"class_path": "WandbLogger", "init_args": {"offline": True}}}
+    )
+    assert main([str(write(recipe, tmp_path / "recipe.yaml"))]) == 0
+    wandb.finish()  # what the process's exit does: the run's log is written out
+    run = tmp_path / "runs" / "recipe" / "version_0"
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    log = next(offline.glob("run-*.wandb"))
+    rows = wandb_records(log, "history")
+    for key, series in csv_series(run).items():
+        logged = [(row["trainer/global_step"], row[key]) for row in rows if key in row]
+        assert sorted(logged) == sorted(series), key
+    config = {key: value for update in wandb_records(log, "config") for key, value in update.items()}
+    assert config["optimizer.lr"] == 0.003 and config["model.class_path"] == "finetune.ClassificationTask"
+    saved = offline / "files" / run.name
+    assert (saved / "plan.txt").read_text() == (run / "plan.txt").read_text()
+    assert (saved / "config.yaml").read_text() == (run / "config.yaml").read_text()
