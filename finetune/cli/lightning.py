@@ -137,10 +137,11 @@ class FinetuneCLI(LightningCLI):
         # The loggers are made here, not written into the recipe: a saved config.yaml then follows the
         # default_root_dir it is run with, instead of pinning the folder of the run that saved it.
         config = self._section(self.config_init).trainer
-        root = Path(config.default_root_dir or "runs")
-        kwargs["logger"] = self.trackers is not False and run_loggers(
-            _logger_specs(self.trackers), root, self.run_name
-        )
+        if self.trackers is False:
+            kwargs["logger"] = False
+        else:
+            root = Path(config.default_root_dir or "runs")
+            kwargs["logger"] = run_loggers(_logger_specs(self.trackers), root, self.run_name)
         if not config.plugins:
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
