@@ -37,6 +37,7 @@ _EXPORTS = {
     "ParameterReport": "finetune.callbacks",
     "PredictionWriter": "finetune.callbacks",
     "RunReport": "finetune.callbacks",
+    "EMA": "finetune.callbacks",
     "RestoreRNG": "finetune.callbacks",
     "GradualUnfreezing": "finetune.callbacks",
     "Distillation": "finetune.callbacks",

@@ -12,6 +12,7 @@ from finetune._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from finetune.callbacks.accumulation import ScheduledAccumulation
+    from finetune.callbacks.averaging import EMA
     from finetune.callbacks.checkpoint_io import AtomicCheckpointIO
     from finetune.callbacks.export import ExportModel
     from finetune.callbacks.nonfinite import StopOnNonFinite
@@ -20,12 +21,14 @@ if TYPE_CHECKING:
     from finetune.callbacks.report import MetricsReport, ParameterReport
     from finetune.callbacks.rng import RestoreRNG
     from finetune.callbacks.run_report import RunReport
+    from finetune.callbacks.trackers import TrackRun
     from finetune.callbacks.unfreeze import GradualUnfreezing
     from finetune.distill import Distillation, FeatureMatch
 
 _HOMES = {
     "AtomicCheckpointIO": "finetune.callbacks.checkpoint_io",
     "Distillation": "finetune.distill",
+    "EMA": "finetune.callbacks.averaging",
     "ExportModel": "finetune.callbacks.export",
     "FeatureMatch": "finetune.distill",
     "GradualUnfreezing": "finetune.callbacks.unfreeze",
@@ -34,6 +37,7 @@ _HOMES = {
     "PredictionWriter": "finetune.callbacks.predictions",
     "Preemption": "finetune.callbacks.preemption",
     "StopOnNonFinite": "finetune.callbacks.nonfinite",
+    "TrackRun": "finetune.callbacks.trackers",
     "RestoreRNG": "finetune.callbacks.rng",
     "RunReport": "finetune.callbacks.run_report",
     "ScheduledAccumulation": "finetune.callbacks.accumulation",
@@ -42,6 +46,7 @@ _HOMES = {
 __all__ = [
     "AtomicCheckpointIO",
     "Distillation",
+    "EMA",
     "ExportModel",
     "FeatureMatch",
     "GradualUnfreezing",
@@ -53,6 +58,7 @@ __all__ = [
     "RunReport",
     "ScheduledAccumulation",
     "StopOnNonFinite",
+    "TrackRun",
 ]
 
 

@@ -31,6 +31,7 @@ from finetune.callbacks import (
     PredictionWriter,
     Preemption,
     RestoreRNG,
+    RunReport,
     StopOnNonFinite,
 )
 from finetune.callbacks.trackers import LoggerSpec, TrackRun, run_loggers
@@ -434,6 +435,7 @@ def run_cli(argv: list[str], run: bool = True, plan: bool = False) -> FinetuneCL
                     MetricsReport(),
                     ExportModel(),
                     PredictionWriter(),
+                    RunReport(),
                     RestoreRNG(),
                     Preemption(),
                     StopOnNonFinite(),

@@ -93,6 +93,7 @@ def main(argv: list[str]) -> int:
     read_recipe(Path(recipe))
     from lightning.pytorch.cli import SaveConfigCallback
 
+    from finetune.callbacks import RunReport
     from finetune.cli.lightning import run_cli
     from finetune.optim import OptimizerConfig
     from finetune.tuning.lr_find import check_search, find_batch_size, find_lr, plot_search
@@ -100,9 +101,10 @@ def main(argv: list[str]) -> int:
     check_search(args.min_lr, args.max_lr, args.steps)  # before the model is built
 
     cli = run_cli(["--config", recipe, *overrides], run=False, plan=True)
-    # Plan mode has no logger and no checkpoints; the saved config is the one writer left that acts before
-    # the finders end fit (in setup), so it goes.
-    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+    # Plan mode has no logger and no checkpoints; the saved config (in setup) and the run report (in
+    # teardown, which ending fit early still calls) are the writers left, so they go.
+    writers = (SaveConfigCallback, RunReport)
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, writers)]
     if args.batch_size_find:
         size = find_batch_size(cli.trainer, cli.model, cli.datamodule)
         print(f"Largest batch size that trained: {size}\n  --data.init_args.batch_size={size}\n")
