@@ -40,7 +40,13 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + (self.activations or 0) + (self.backward or 0)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer_state
+            + (self.activations or 0)
+            + (self.backward or 0)
+        )
 
 
 def activation_bytes(

@@ -282,7 +282,9 @@ def _rows(batch: object) -> int | None:
     """The batch's row count: the first dimension of its first tensor."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() else None
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    values = (
+        batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    )
     return next((rows for rows in map(_rows, values) if rows), None)
 
 

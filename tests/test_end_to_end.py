@@ -10,8 +10,8 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401  (binds Lightning's log handler to the real stderr, before capsys swaps it)
 import pandas as pd
 import pytest
-import yaml
 import torch
+import yaml
 
 from finetune import ClassificationTask
 from finetune.cli import main

@@ -148,7 +148,10 @@ def test_probe_rows_cut_every_batch_tensor_and_scale_linearly(tiny_bert_dir):
     from finetune.plan import _first_rows, _rows
 
     Pair = namedtuple("Pair", "images labels")
-    batch = {"input_ids": torch.ones(8, 5, dtype=torch.long), "extra": [Pair(torch.zeros(8, 3), torch.arange(8))]}
+    batch = {
+        "input_ids": torch.ones(8, 5, dtype=torch.long),
+        "extra": [Pair(torch.zeros(8, 3), torch.arange(8))],
+    }
     cut = _first_rows(batch, _rows(batch), 2)
     assert cut["input_ids"].shape == (2, 5)
     assert isinstance(cut["extra"][0], Pair) and cut["extra"][0].labels.tolist() == [0, 1]

@@ -52,7 +52,6 @@ def picture(seed: int = 0) -> Image.Image:
 
 def test_a_mixed_batch_takes_the_soft_target_cross_entropy_and_metrics_keep_the_labels(vit):
     from timm.loss import SoftTargetCrossEntropy
-    from torchmetrics.classification import MulticlassAccuracy
 
     task = ClassificationTask(vit, labels=["a", "b", "c"], label_smoothing=0.1)
     task.configure_model()
@@ -74,7 +73,7 @@ def test_a_mixed_batch_takes_the_soft_target_cross_entropy_and_metrics_keep_the_
     assert torch.allclose(loss, by_hand, atol=1e-6)
     assert torch.allclose(loss, SoftTargetCrossEntropy()(logits, smoothed), atol=1e-6)
     assert not torch.allclose(loss, F.cross_entropy(logits, labels, label_smoothing=0.1))
-    expected_accuracy = MulticlassAccuracy(num_classes=3)(logits, labels)
+    expected_accuracy = (logits.argmax(-1) == labels).float().mean()  # share of rows right
     assert torch.allclose(task.train_metrics.compute()["train/acc"], expected_accuracy)
 
 
