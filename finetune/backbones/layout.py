@@ -151,3 +151,10 @@ def discover_layout(model: nn.Module, head: tuple[str, ...], new_head: bool = Tr
 def _under(names: tuple[str, ...], prefix: str) -> tuple[str, ...]:
     """``names`` that lie under module ``prefix``, relative to it."""
     return tuple(name[len(prefix) + 1 :] for name in names if name.startswith(prefix + "."))
+
+
+def language_model_layout(model: nn.Module) -> Layout:
+    """The layout of a language model whose head is its output embeddings (pretrained, not new)."""
+    output = model.get_output_embeddings()
+    head = tuple(name for name, module in model.named_modules() if module is output)
+    return discover_layout(model, head, new_head=False)

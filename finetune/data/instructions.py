@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from finetune.backbones.base import Backbone
@@ -28,7 +27,7 @@ from finetune.data.conversations import (
     tokenize,
     tokenize_batch,
 )
-from finetune.data.loaders import LoaderDataModule
+from finetune.data.loaders import TrainValData
 from finetune.data.rows import ArrowRows
 from finetune.data.splits import check_hold_out, hold_out
 from finetune.data.tokens import Padding, TokenizerOfBackbone, gather
@@ -64,7 +63,7 @@ class TokenRows(torch.utils.data.Dataset):
         return self.padding(items)
 
 
-class JsonlTokenData(TokenizerOfBackbone, LoaderDataModule):
+class JsonlTokenData(TokenizerOfBackbone, TrainValData):
     """What the JSONL data of causal LMs shares (instructions, preference pairs): a train file and a val file
     (or ``val_fraction`` of train held out after sampling ``limit`` rows, by ``seed``), each converted once
     to memory-mapped Arrow by ``reader`` and tokenised by a cached ``Dataset.map`` (``_tokens``, which
@@ -153,22 +152,6 @@ class JsonlTokenData(TokenizerOfBackbone, LoaderDataModule):
                 self.reader.noun,
                 self.max_length,
             )
-
-    @override
-    def prepare_data(self) -> None:
-        """Tokenise on one process per machine first (Lightning holds the others back until it is done):
-        they then find the token files in the cache."""
-        self.datasets  # noqa: B018 - builds (or loads) the cached token files
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.datasets["train"])
-
-    @override
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        # An empty list tells Lightning there is no validation.
-        dataset = self.datasets["val"]
-        return self.eval_loader(dataset) if len(dataset) else []
 
 
 class InstructionData(JsonlTokenData):

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
+from typing_extensions import override
 
 from finetune.backbones.base import Backbone
 from finetune.data.arrow import cache_folder
@@ -219,3 +220,26 @@ class LoaderDataModule(pl.LightningDataModule):
         trainer = self.trainer
         pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return make_loader(dataset, batch_size, self.workers(dataset), self.seed, sampler, pin, epoch)
+
+
+class TrainValData(LoaderDataModule):
+    """A data module with train and val splits only, held as ``datasets`` (built on first access, from cached
+    files): ``prepare_data`` builds them on one process per machine, then the loaders read them."""
+
+    datasets: dict[str, Any]
+
+    @override
+    def prepare_data(self) -> None:
+        """Tokenise on one process per machine first (Lightning holds the others back until it is done):
+        they then find the token files in the cache."""
+        self.datasets  # noqa: B018 - builds (or loads) the cached token files
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader(self.datasets["train"])
+
+    @override
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # An empty list tells Lightning there is no validation.
+        dataset = self.datasets["val"]
+        return self.eval_loader(dataset) if len(dataset) else []

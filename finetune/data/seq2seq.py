@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from finetune.backbones.base import Backbone
 from finetune.data.arrow import cached_map, fingerprint, read_arrow, reopened
 from finetune.data.instructions import IGNORE, TokenRows
-from finetune.data.loaders import LoaderDataModule
+from finetune.data.loaders import TrainValData
 from finetune.data.rows import ArrowRows
 from finetune.data.splits import check_hold_out, hold_out
 from finetune.data.tables import table_files
@@ -51,7 +50,7 @@ class Seq2SeqRows(TokenRows):
         return batch | {"labels": labels}
 
 
-class Seq2SeqData(TokenizerOfBackbone, LoaderDataModule):
+class Seq2SeqData(TokenizerOfBackbone, TrainValData):
     """Source/target text pairs for an encoder-decoder model (``finetune.tasks.seq2seq.Seq2SeqTask``).
 
     Batches hold ``input_ids`` and ``attention_mask`` (the sources, ``source_prefix`` first) and ``labels``
@@ -230,22 +229,6 @@ class Seq2SeqData(TokenizerOfBackbone, LoaderDataModule):
             f"at most {self.max_source_length} tokens; targets: {self.columns['data.target_column']!r}, "
             f"at most {self.max_target_length} tokens"
         )
-
-    @override
-    def prepare_data(self) -> None:
-        """Tokenise on one process per machine first (Lightning holds the others back until it is done):
-        they then find the token files in the cache."""
-        self.datasets  # noqa: B018 - builds (or loads) the cached token files
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self.train_loader(self.datasets["train"])
-
-    @override
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        # An empty list tells Lightning there is no validation.
-        dataset = self.datasets["val"]
-        return self.eval_loader(dataset) if len(dataset) else []
 
 
 def _tokenize_batch(

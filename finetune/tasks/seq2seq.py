@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from finetune import runs
 from finetune.backbones import Backbone
-from finetune.backbones.layout import Layout, discover_layout
+from finetune.backbones.layout import Layout, language_model_layout
 from finetune.errors import require
 from finetune.export import export_language_model
 from finetune.optim import TokenNormalizedLoss
@@ -86,9 +86,7 @@ class Seq2SeqTask(TokenNormalizedLoss, FinetuneTask):
 
     def build_model(self) -> tuple[nn.Module, Layout]:
         model = self.load_backbone(self.strategy.load_options())
-        output = model.get_output_embeddings()
-        head = tuple(name for name, module in model.named_modules() if module is output)
-        return model, discover_layout(model, head, new_head=False)
+        return model, language_model_layout(model)
 
     def load_backbone(self, options: Mapping[str, Any]) -> nn.Module:
         return self.backbone.load_seq2seq_lm(options)

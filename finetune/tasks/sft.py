@@ -19,7 +19,7 @@ from typing_extensions import override
 from finetune import runs
 from finetune.backbones import Backbone
 from finetune.backbones.base import KEY as BACKBONE_KEY
-from finetune.backbones.layout import Layout, discover_layout
+from finetune.backbones.layout import Layout, language_model_layout
 from finetune.errors import RecipeError
 from finetune.export import export_language_model
 from finetune.optim import TokenNormalizedLoss
@@ -66,9 +66,7 @@ class CausalLMTask(FinetuneTask):
 
     def build_model(self) -> tuple[nn.Module, Layout]:
         model = self.load_backbone(self.strategy.load_options())
-        output = model.get_output_embeddings()
-        head = tuple(name for name, module in model.named_modules() if module is output)
-        return model, discover_layout(model, head, new_head=False)
+        return model, language_model_layout(model)
 
     def load_backbone(self, options: Mapping[str, Any]) -> nn.Module:
         return self.backbone.load_causal_lm(options)
